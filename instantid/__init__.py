@@ -1,0 +1,1 @@
+"""InstantID on plain torch, built on ``cow_model``."""
