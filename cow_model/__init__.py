@@ -1,5 +1,23 @@
 """Copy-on-write clones of ``torch.nn.Module`` trees and of nested option structures.
 
+- ``LazyClonedModel(base)``: a transparent proxy sharing every tensor of ``base``;
+  ``patch_block(path, fn)`` copies only the module at ``path`` and its ancestors.
+- ``cow_copy(options)``: ``copy.deepcopy`` semantics, sharing tensors, modules, functions and
+  objects declared shareable (``__cow_shared__ = True`` or ``register_shared(cls)``).
+
 Nothing here knows about ComfyUI, diffusers or InstantID; their adapters live in
 ``cow_model.comfy`` and ``cow_model.diffusers``.
 """
+
+from .clone import LazyClonedModel
+from .errors import SharedWeightsError, UnknownPathError
+from .options import cow_copy, is_shared, register_shared
+
+__all__ = [
+    "LazyClonedModel",
+    "SharedWeightsError",
+    "UnknownPathError",
+    "cow_copy",
+    "is_shared",
+    "register_shared",
+]

@@ -1,0 +1,90 @@
+"""Low-level helpers on ``torch.nn.Module`` trees: shell copies and tensor walks.
+
+A *shell copy* of a module is a new object of the same class whose attribute dict is a
+shallow copy of the original's, with every container in it (the parameter, buffer, child and
+hook dicts, sets and lists) copied one level deep. Tensors and child modules stay shared, so a
+shell costs a few dict copies and never a tensor copy; ``setattr``, ``register_*`` and child
+replacement on the shell do not reach the original (``copy.copy`` would share those dicts).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+_CONTAINERS = (dict, set, list)
+
+
+def shell_copy(module: nn.Module) -> nn.Module:
+    """A new module sharing ``module``'s tensors and children but owning its containers."""
+    cls = module.__class__
+    shell = cls.__new__(cls)
+    state = {
+        name: copy.copy(value) if isinstance(value, _CONTAINERS) else value
+        for name, value in module.__dict__.items()
+    }
+    object.__setattr__(shell, "__dict__", state)
+    return shell
+
+
+def iter_modules(root: nn.Module) -> Iterator[nn.Module]:
+    """Every distinct module under ``root`` (``root`` included), depth first, without building names."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield module
+        stack.extend(child for child in module._modules.values() if child is not None)
+
+
+def iter_tensors(root: nn.Module) -> Iterator[torch.Tensor]:
+    """Every parameter and buffer under ``root``; a tensor held in several places may repeat."""
+    for module in iter_modules(root):
+        for tensor in module._parameters.values():
+            if tensor is not None:
+                yield tensor
+        for tensor in module._buffers.values():
+            if tensor is not None:
+                yield tensor
+
+
+def named_tensors(root: nn.Module) -> dict[int, str]:
+    """``id(tensor) -> first qualified name`` for every parameter and buffer under ``root``."""
+    names: dict[int, str] = {}
+    for prefix, module in root.named_modules(remove_duplicate=False):
+        for kind in (module._parameters, module._buffers):
+            for name, tensor in kind.items():
+                if tensor is not None:
+                    names.setdefault(id(tensor), f"{prefix}.{name}" if prefix else name)
+    return names
+
+
+def storage_key(tensor: torch.Tensor) -> tuple[str, int] | None:
+    """An identity for the storage behind ``tensor``; ``None`` for tensors without memory (meta)."""
+    if tensor.device.type == "meta":
+        return None
+    return (str(tensor.device), tensor.untyped_storage().data_ptr())
+
+
+def storage_bytes(root: nn.Module) -> dict[tuple[str, int], int]:
+    """``storage_key -> nbytes`` for every storage that the tensors under ``root`` live in."""
+    sizes: dict[tuple[str, int], int] = {}
+    for tensor in iter_tensors(root):
+        key = storage_key(tensor)
+        if key is not None:
+            sizes[key] = tensor.untyped_storage().nbytes()
+    return sizes
+
+
+def version_of(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter, or ``None`` for inference tensors, which have none."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
