@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -54,7 +55,7 @@ def _describe(obj: object) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-class LazyClonedModel(wrapt.CallableObjectProxy):  # type: ignore[misc]
+class LazyClonedModel(wrapt.CallableObjectProxy):
     """A transparent, callable proxy for a copy-on-write clone of ``base``.
 
     ``isinstance(clone, type(base))`` holds and attributes fall through to the clone's own
@@ -65,7 +66,7 @@ class LazyClonedModel(wrapt.CallableObjectProxy):  # type: ignore[misc]
     Raises ``TypeError`` naming what was given when ``base`` is not a ``torch.nn.Module``.
     """
 
-    def __init__(self, base: nn.Module, *, check_writes: bool = False) -> None:
+    def __init__(self, base: nn.Module | LazyClonedModel, *, check_writes: bool = False) -> None:
         if isinstance(base, LazyClonedModel):
             base_root: nn.Module = base.__wrapped__
             base._self_private = weakref.WeakSet([base_root])
@@ -270,7 +271,7 @@ class LazyClonedModel(wrapt.CallableObjectProxy):  # type: ignore[misc]
                 path, _, name = key.rpartition(".")
                 by_module.setdefault(path, {})[name] = value
         for path, values in by_module.items():
-            self.patch_block(path, lambda module, values=values: _install_copies(module, values))
+            self.patch_block(path, functools.partial(_install_copies, values=values))
         return _IncompatibleKeys(missing, unexpected)
 
     # -- copying the proxy ---------------------------------------------------------------------
@@ -301,7 +302,8 @@ def _install_copies(module: nn.Module, values: Mapping[str, Any]) -> None:
 
 def _conversion(name: str) -> Callable[..., Any]:
     def convert(self: LazyClonedModel, *args: Any, **kwargs: Any) -> Any:
-        return getattr(type(self.__wrapped__), name)(self, *args, **kwargs)
+        method = getattr(type(self.__wrapped__), name)
+        return method(self, *args, **kwargs)
 
     convert.__name__ = name
     convert.__doc__ = f"``nn.Module.{name}`` on the clone: private tensors convert, shared ones must not change."

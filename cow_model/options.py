@@ -75,7 +75,7 @@ def is_shared(obj: object) -> bool:
 
 def cow_copy(obj: T, memo: Memo | None = None) -> T:
     """A deep copy of ``obj`` that shares tensors, modules and other declared payload (module doc)."""
-    return _copy(obj, {} if memo is None else memo)  # type: ignore[no-any-return]
+    return _copy(obj, {} if memo is None else memo)
 
 
 def _copy(obj: Any, memo: Memo) -> Any:
@@ -119,8 +119,8 @@ def _copy_dict(obj: dict[Any, Any], memo: Memo) -> dict[Any, Any]:
 def _copy_tuple(obj: tuple[Any, ...], memo: Memo) -> tuple[Any, ...]:
     items = [_copy(item, memo) for item in obj]
     if id(obj) in memo:  # a cycle through this tuple was copied meanwhile
-        return memo[id(obj)]  # type: ignore[no-any-return]
-    if all(new is old for new, old in zip(items, obj)):
+        return memo[id(obj)]
+    if all(new is old for new, old in zip(items, obj, strict=True)):
         return obj
     return tuple(items)
 

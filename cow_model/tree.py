@@ -46,12 +46,8 @@ def iter_modules(root: nn.Module) -> Iterator[nn.Module]:
 def iter_tensors(root: nn.Module) -> Iterator[torch.Tensor]:
     """Every parameter and buffer under ``root``; a tensor held in several places may repeat."""
     for module in iter_modules(root):
-        for tensor in module._parameters.values():
-            if tensor is not None:
-                yield tensor
-        for tensor in module._buffers.values():
-            if tensor is not None:
-                yield tensor
+        yield from (param for param in module._parameters.values() if param is not None)
+        yield from (buffer for buffer in module._buffers.values() if buffer is not None)
 
 
 def named_tensors(root: nn.Module) -> dict[int, str]:
