@@ -12,7 +12,9 @@ def scenarios() -> list[str]:
     """Names of the scenario modules in this package (those defining ``main``)."""
     here = Path(__file__).parent
     return sorted(
-        m.name for m in pkgutil.iter_modules([str(here)]) if not m.name.startswith("_") and m.name != "shapes"
+        m.name
+        for m in pkgutil.iter_modules([str(here)])
+        if not m.name.startswith("_") and "\ndef main(" in (here / f"{m.name}.py").read_text()
     )
 
 
