@@ -1,0 +1,293 @@
+"""Small ONNX face models in the layouts insightface routes on, and the test images they detect.
+
+``build_antelopev2_like(root)`` writes ``root/models/antelopev2/{scrfd_10g_bnkps,glintr100}.onnx``: a
+folder that the real ``insightface.app.FaceAnalysis`` loads like the published antelopev2 pack (same
+file names, same graph interfaces), with small hand-set weights instead of the trained ones.
+
+The detector (``scrfd_10g_bnkps.onnx``) has the SCRFD interface: one input ``1x3xHxW`` with dynamic
+height and width, nine outputs (scores ``[N, 1]``, box distances ``[N, 4]``, keypoint distances
+``[N, 10]`` at strides 8, 16 and 32, two anchors per position, in that order). It is not trained: it
+detects *face tags*, saturated green squares that ``paste_face_tag`` draws on a photo, so a test
+decides where faces are and how big they are:
+
+* every pixel gets a tag value ``clip((min(G - R, G - B) - 1.2) / 0.792, 0, 1)`` on insightface's
+  normalised input ((x - 127.5) / 128): 1 on pure green (0, 255, 0), 0 on any pixel whose green does
+  not exceed both red and blue by more than ~153 levels, which holds on every photo insightface ships;
+* at stride ``s``, a position's score is ``sigmoid(10 * (C - S - spill - 0.5))`` where ``C`` is the
+  mean tag value over the ``s x s`` window centred on the anchor, ``S`` the mean over the ``3s x 3s``
+  window (a centre-surround filter) and ``spill = 25 O - 9 S`` the tag area (in units of ``s^2``)
+  between the ``3s`` and the ``5s`` window (``O``: mean over ``5s x 5s``), which silences anchors near
+  a tag but not at its centre and strides too fine for it. A tag of side ``t`` (in detector pixels) centred on an anchor
+  scores ``C - S = 0.889 (t/s)^2`` for ``t <= s`` and ``1 - (t / 3s)^2`` for ``s <= t <= 3s``, so it is
+  detected (score >= 0.5, insightface's threshold) for ``0.75 s <= t <= 2.12 s``: strides 8, 16, 32
+  cover tags of about 6 to 68 detector pixels. A larger tag is "too close to the camera": it is found
+  only once the detection size is small enough to shrink it under 68 pixels, which is how a test makes
+  "no face at 640 x 640, found at a smaller size". ``largest_detectable_tag`` gives that limit.
+* ``S`` measures the tag's area, ``t = 3 s sqrt(S)``; the box is the square of side ``3 t`` centred on
+  the anchor (the tag marks the middle of a face three times its size), the five keypoints sit on an
+  ArcFace-like template scaled to that box (eyes, nose, mouth corners, all inside the box).
+
+The recognizer (``glintr100.onnx``) has the ArcFace interface insightface routes on (input
+``1x3x112x112``, output ``[1, 512]``): an 14x14 average pool to 3x8x8 followed by a fixed random
+linear map (seeded), so the embedding depends on the aligned crop's content, its raw norm is in the
+tens like real antelopev2's, and a test can recompute it from the crop (``recognizer_weights``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
+RECOGNIZER_FILE = "glintr100.onnx"
+STRIDES = (8, 16, 32)
+TAG_COLOR_RGB = (0, 255, 0)
+FACE_PER_TAG = 3.0
+"""A tag of side t marks a face box of side ``FACE_PER_TAG * t`` centred on it."""
+OPSET = 17
+IR_VERSION = 8
+
+# Keypoints in units of the face box side, relative to its centre: left eye, right eye, nose,
+# left and right mouth corners (image x to the right, y down), the proportions of ArcFace's template.
+KPS_TEMPLATE = np.array(
+    [[-0.2, -0.16], [0.2, -0.16], [0.0, 0.065], [-0.165, 0.3], [0.165, 0.3]], dtype=np.float32
+)
+_TAG_THRESHOLD = 1.2
+_TAG_SCALE = 1.0 / 0.792
+_SCORE_GAIN = 10.0
+_SCORE_OFFSET = 0.5
+_POOL_SIDE = 14
+
+RecognizerKind = Literal["random", "zeros", "nan"]
+
+
+def largest_detectable_tag(stride: int = STRIDES[-1]) -> float:
+    """Side (detector pixels) above which a centred tag scores under 0.5 at ``stride``: C - S = 0.5."""
+    return 3.0 * stride * float(np.sqrt(0.5))
+
+
+def smallest_detectable_tag(stride: int = STRIDES[0]) -> float:
+    """Side (detector pixels) under which a centred tag scores under 0.5 at ``stride``."""
+    return stride * float(np.sqrt(_SCORE_OFFSET / (1.0 - 1.0 / 9.0)))
+
+
+def paste_face_tag(image: np.ndarray, center: tuple[int, int], side: int) -> np.ndarray:
+    """Return a copy of the HxWx3 uint8 RGB ``image`` with a green square of ``side`` pixels centred
+    on ``center`` (x, y): a face the detector above finds, with box side ``FACE_PER_TAG * side``."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an HxWx3 uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
+    out = image.copy()
+    x, y = center
+    half = side // 2
+    out[max(y - half, 0) : y - half + side, max(x - half, 0) : x - half + side] = TAG_COLOR_RGB
+    return out
+
+
+def _const(name: str, value: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node(
+        "Constant", [], [name], name=f"const_{name}", value=numpy_helper.from_array(value)
+    )
+
+
+def _detector_level(stride: int, feature: str) -> tuple[list[onnx.NodeProto], tuple[str, str, str]]:
+    """Nodes computing one stride's score, box and keypoint outputs from the tag map ``feature``."""
+    s = stride
+    p = f"s{s}"
+    nodes = [
+        helper.make_node(
+            "AveragePool",
+            [feature],
+            [f"{p}_centre"],
+            name=f"{p}_centre_pool",
+            count_include_pad=1,
+            kernel_shape=[s, s],
+            strides=[s, s],
+            pads=[s // 2, s // 2, 0, 0],
+        ),
+        helper.make_node(
+            "AveragePool",
+            [feature],
+            [f"{p}_surround"],
+            name=f"{p}_surround_pool",
+            count_include_pad=1,
+            kernel_shape=[3 * s, 3 * s],
+            strides=[s, s],
+            pads=[3 * s // 2, 3 * s // 2, s, s],
+        ),
+        helper.make_node(
+            "AveragePool",
+            [feature],
+            [f"{p}_outer"],
+            name=f"{p}_outer_pool",
+            count_include_pad=1,
+            kernel_shape=[5 * s, 5 * s],
+            strides=[s, s],
+            pads=[5 * s // 2, 5 * s // 2, 2 * s, 2 * s],
+        ),
+        # Tag area between the 3s and the 5s window, in units of s^2: a tag reaching out of the
+        # surround window is not centred here (or too big for this stride), so its score drops.
+        helper.make_node("Mul", [f"{p}_outer", "outer_cells"], [f"{p}_outer_area"], name=f"{p}_outer_area"),
+        helper.make_node(
+            "Mul", [f"{p}_surround", "surround_cells"], [f"{p}_surround_area"], name=f"{p}_surround_area"
+        ),
+        helper.make_node("Sub", [f"{p}_outer_area", f"{p}_surround_area"], [f"{p}_spill"], name=f"{p}_spill"),
+        helper.make_node("Sub", [f"{p}_centre", f"{p}_surround"], [f"{p}_contrast"], name=f"{p}_contrast"),
+        helper.make_node("Sub", [f"{p}_contrast", f"{p}_spill"], [f"{p}_contained"], name=f"{p}_contained"),
+        helper.make_node("Sub", [f"{p}_contained", "score_offset"], [f"{p}_shifted"], name=f"{p}_shift"),
+        helper.make_node("Mul", [f"{p}_shifted", "score_gain"], [f"{p}_logit"], name=f"{p}_gain"),
+        helper.make_node("Sigmoid", [f"{p}_logit"], [f"{p}_score_map"], name=f"{p}_sigmoid"),
+        helper.make_node("Sqrt", [f"{p}_surround"], [f"{p}_extent_map"], name=f"{p}_extent"),
+    ]
+    columns = {}
+    for what in ("score", "extent"):
+        # [1, 1, h, w] -> [h*w, 1] -> two anchors per position -> [2*h*w, 1] (anchor index fastest).
+        nodes += [
+            helper.make_node(
+                "Transpose",
+                [f"{p}_{what}_map"],
+                [f"{p}_{what}_nhwc"],
+                name=f"{p}_{what}_t",
+                perm=[0, 2, 3, 1],
+            ),
+            helper.make_node(
+                "Reshape", [f"{p}_{what}_nhwc", "column"], [f"{p}_{what}_col"], name=f"{p}_{what}_r"
+            ),
+            helper.make_node(
+                "Concat",
+                [f"{p}_{what}_col", f"{p}_{what}_col"],
+                [f"{p}_{what}_pair"],
+                name=f"{p}_{what}_c",
+                axis=1,
+            ),
+            helper.make_node(
+                "Reshape", [f"{p}_{what}_pair", "column"], [f"{p}_{what}_anchors"], name=f"{p}_{what}_a"
+            ),
+        ]
+        columns[what] = f"{p}_{what}_anchors"
+    score, boxes, kps = f"score_{s}", f"bbox_{s}", f"kps_{s}"
+    nodes += [
+        helper.make_node("Identity", [columns["score"]], [score], name=f"{p}_score_out"),
+        helper.make_node("Mul", [columns["extent"], "box_template"], [boxes], name=f"{p}_box_out"),
+        helper.make_node("Mul", [columns["extent"], "kps_template"], [kps], name=f"{p}_kps_out"),
+    ]
+    return nodes, (score, boxes, kps)
+
+
+def build_detector() -> onnx.ModelProto:
+    """The SCRFD-layout tag detector described in the module docstring."""
+    # Distances are in stride units (insightface multiplies by the stride). With t = 3 s sqrt(S) and the
+    # face box side 3 t: half the box is 4.5 * FACE_PER_TAG / 3 * sqrt(S) strides; keypoints likewise.
+    per_extent = 3.0 * FACE_PER_TAG
+    box_template = np.full((1, 4), 0.5 * per_extent, dtype=np.float32)
+    kps_template = (KPS_TEMPLATE.reshape(1, 10) * per_extent).astype(np.float32)
+    channel_diff = np.array([[-1.0, 1.0, 0.0], [0.0, 1.0, -1.0]], dtype=np.float32).reshape(2, 3, 1, 1)
+    nodes = [
+        _const("channel_diff", channel_diff),
+        _const("tag_threshold", np.array(_TAG_THRESHOLD, dtype=np.float32)),
+        _const("tag_scale", np.array(_TAG_SCALE, dtype=np.float32)),
+        _const("zero", np.array(0.0, dtype=np.float32)),
+        _const("one", np.array(1.0, dtype=np.float32)),
+        _const("score_offset", np.array(_SCORE_OFFSET, dtype=np.float32)),
+        _const("score_gain", np.array(_SCORE_GAIN, dtype=np.float32)),
+        _const("column", np.array([-1, 1], dtype=np.int64)),
+        _const("outer_cells", np.array(25.0, dtype=np.float32)),
+        _const("surround_cells", np.array(9.0, dtype=np.float32)),
+        _const("box_template", box_template),
+        _const("kps_template", kps_template),
+        helper.make_node("Conv", ["input.1", "channel_diff"], ["green_excess"], name="green_excess"),
+        helper.make_node(
+            "ReduceMin", ["green_excess"], ["green_margin"], name="green_margin", axes=[1], keepdims=1
+        ),
+        helper.make_node("Sub", ["green_margin", "tag_threshold"], ["tag_raw"], name="tag_threshold"),
+        helper.make_node("Mul", ["tag_raw", "tag_scale"], ["tag_scaled"], name="tag_scale"),
+        helper.make_node("Clip", ["tag_scaled", "zero", "one"], ["tag"], name="tag_clip"),
+    ]
+    outputs: dict[str, list[str]] = {"score": [], "bbox": [], "kps": []}
+    for stride in STRIDES:
+        level_nodes, (score, boxes, kps) = _detector_level(stride, "tag")
+        nodes += level_nodes
+        outputs["score"].append(score)
+        outputs["bbox"].append(boxes)
+        outputs["kps"].append(kps)
+    widths = {"score": 1, "bbox": 4, "kps": 10}
+    graph_outputs = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, [f"n{name.split('_')[1]}", widths[kind]])
+        for kind in ("score", "bbox", "kps")
+        for name in outputs[kind]
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "scrfd_like_tag_detector",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "height", "width"])],
+        graph_outputs,
+    )
+    return _model(graph)
+
+
+def recognizer_weights(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The recognizer's linear map ``[192, 512]`` and bias ``[512]`` for ``seed``."""
+    rng = np.random.default_rng(seed)
+    weight = (rng.standard_normal((3 * 8 * 8, 512)) * 0.2).astype(np.float32)
+    bias = (rng.standard_normal(512) * 0.1).astype(np.float32)
+    return weight, bias
+
+
+def build_recognizer(kind: RecognizerKind = "random", seed: int = 0) -> onnx.ModelProto:
+    """The ArcFace-layout recognizer: 14x14 average pool, flatten, linear map to 512.
+
+    ``kind="zeros"`` makes every embedding all zero and ``"nan"`` every embedding NaN (for testing the
+    errors on such embeddings); ``"random"`` uses ``recognizer_weights(seed)``.
+    """
+    weight, bias = recognizer_weights(seed)
+    if kind == "zeros":
+        weight, bias = np.zeros_like(weight), np.zeros_like(bias)
+    elif kind == "nan":
+        bias = np.full_like(bias, np.nan)
+    elif kind != "random":
+        raise ValueError(f"recognizer kind must be 'random', 'zeros' or 'nan', got {kind!r}")
+    nodes = [
+        helper.make_node(
+            "AveragePool",
+            ["input.1"],
+            ["pooled"],
+            name="pool",
+            kernel_shape=[_POOL_SIDE, _POOL_SIDE],
+            strides=[_POOL_SIDE, _POOL_SIDE],
+        ),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten", axis=1),
+        helper.make_node("MatMul", ["flat", "proj_weight"], ["projected"], name="proj"),
+        helper.make_node("Add", ["projected", "proj_bias"], ["683"], name="bias"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "arcface_like_recognizer",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["batch", 3, 112, 112])],
+        [helper.make_tensor_value_info("683", TensorProto.FLOAT, ["batch", 512])],
+        initializer=[
+            numpy_helper.from_array(weight, "proj_weight"),
+            numpy_helper.from_array(bias, "proj_bias"),
+        ],
+    )
+    return _model(graph)
+
+
+def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def build_antelopev2_like(root: Path, recognizer: RecognizerKind = "random", seed: int = 0) -> Path:
+    """Write ``root/models/antelopev2`` with the two models above; return ``root`` (an insightface root:
+    ``FaceAnalysis(name="antelopev2", root=root)`` and ``instantid.face.load_face_analysis(root)`` load it).
+    """
+    folder = Path(root) / "models" / "antelopev2"
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(build_detector(), str(folder / DETECTOR_FILE))
+    onnx.save(build_recognizer(recognizer, seed), str(folder / RECOGNIZER_FILE))
+    return Path(root)

@@ -1,0 +1,45 @@
+"""Fixtures: an antelopev2-layout folder of small ONNX models (bench.face_models) and the photos insightface ships."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import cv2
+import insightface
+import numpy as np
+import pytest
+
+from bench.face_models import build_antelopev2_like
+from instantid.face import load_face_analysis
+
+PHOTOS = Path(insightface.__file__).parent / "data" / "images"
+
+
+def load_photo(name: str) -> np.ndarray:
+    """An HxWx3 uint8 RGB photo from insightface's package data."""
+    bgr = cv2.imread(str(PHOTOS / name), cv2.IMREAD_COLOR)
+    assert bgr is not None, f"cannot read {PHOTOS / name}"
+    return np.ascontiguousarray(bgr[..., ::-1])
+
+
+@pytest.fixture(scope="session")
+def antelope_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_antelopev2_like(tmp_path_factory.mktemp("insightface"))
+
+
+@pytest.fixture(scope="session")
+def face_app(antelope_root: Path) -> Any:
+    return load_face_analysis(antelope_root, provider="CPU")
+
+
+@pytest.fixture(scope="session")
+def group_photo() -> np.ndarray:
+    """t1.jpg: 1280x886, several people."""
+    return load_photo("t1.jpg")
+
+
+@pytest.fixture(scope="session")
+def portrait() -> np.ndarray:
+    """Tom_Hanks_54745.png: a 112x112 aligned face."""
+    return load_photo("Tom_Hanks_54745.png")
