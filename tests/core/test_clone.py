@@ -94,7 +94,7 @@ def test_unknown_path_lists_the_closest_valid_paths() -> None:
 
 def test_patch_returning_a_non_module_leaves_the_clone_unchanged() -> None:
     clone = LazyClonedModel(small_model())
-    with pytest.raises(TypeError, match="must return None or a torch.nn.Module; got builtins.str"):
+    with pytest.raises(TypeError, match=r"must return None or a torch\.nn\.Module; got builtins\.str"):
         clone.patch_block("0", lambda m: "oops")  # type: ignore[arg-type,return-value]
     assert clone.private_paths == [""]
 
