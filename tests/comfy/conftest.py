@@ -1,0 +1,66 @@
+"""Fixtures giving tests a real ComfyUI on CPU (see ``tests/comfy/comfyui.py`` for where it comes from).
+
+Fixtures (stable names, used by the node-pack tests too):
+
+* ``comfy`` (session): the imported :class:`ComfyUI` namespace of modules.
+* ``tiny_sd15_patcher`` / ``tiny_sdxl_patcher``: factories ``(seed=0) -> ModelPatcher`` of tiny
+  SD1.5 / SDXL-architecture models (ComfyUI's own classes, random weights).
+* ``tiny_controlnet``: factory ``(arch="sd15", seed=1) -> comfy.controlnet.ControlNet``.
+* ``lora_file``: factory ``(patcher, rank=2, seed=3) -> str``: writes a model-only LoRA into a
+  temporary folder registered with ComfyUI's ``loras`` paths, returns the ``lora_name`` for
+  ``LoraLoaderModelOnly``.
+
+Plain helpers (import from ``tests.comfy.comfyui``): ``conditioning``, ``empty_latent``, ``ksample``, ``run_node``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.comfy import comfyui
+
+
+@pytest.fixture(scope="session")
+def comfy() -> comfyui.ComfyUI:
+    return comfyui.load_comfyui()
+
+
+@pytest.fixture
+def tiny_sd15_patcher(comfy: comfyui.ComfyUI) -> Callable[..., Any]:
+    def build(seed: int = 0) -> Any:
+        return comfyui.tiny_sd15_patcher(comfy, seed)
+
+    return build
+
+
+@pytest.fixture
+def tiny_sdxl_patcher(comfy: comfyui.ComfyUI) -> Callable[..., Any]:
+    def build(seed: int = 0) -> Any:
+        return comfyui.tiny_sdxl_patcher(comfy, seed)
+
+    return build
+
+
+@pytest.fixture
+def tiny_controlnet(comfy: comfyui.ComfyUI) -> Callable[..., Any]:
+    def build(arch: comfyui.Arch = "sd15", seed: int = 1) -> Any:
+        return comfyui.tiny_controlnet(comfy, arch, seed)
+
+    return build
+
+
+@pytest.fixture
+def lora_file(comfy: comfyui.ComfyUI, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
+    directory: Path = tmp_path_factory.mktemp("loras")
+    comfyui.register_lora_dir(comfy, directory)
+
+    def write(patcher: Any, rank: int = 2, seed: int = 3) -> str:
+        name = f"tiny_lora_r{rank}_s{seed}.safetensors"
+        comfyui.write_unet_lora(comfy, patcher, directory / name, rank=rank, seed=seed)
+        return name
+
+    return write
