@@ -199,3 +199,36 @@ def tiny_sdxl_controlnet_pipeline(folder: Path, seed: int = 0) -> Any:
         scheduler=scheduler,
         add_watermarker=False,
     )
+
+
+def tiny_instantid_weights(unet: nn.Module, seed: int = 0, scale: float = 0.1) -> Any:
+    """A random ``InstantIDWeights`` that fits ``unet``'s cross-attention layers (e.g. ``tiny_sdxl_unet``).
+
+    The Resampler is the small one of ``bench.adapter_files`` (width 128, 2 heads) with output
+    width = the UNet's cross-attention width; ``to_k_ip``/``to_v_ip`` are N(0, scale). Built in
+    memory (``load_instantid`` validates files against the published SD1.5/SDXL layouts only);
+    ``arch`` is ``"tiny"``.
+    """
+    from bench.adapter_files import RESAMPLER_SIZES
+    from cow_model.diffusers import attention_paths, cross_attention_keys
+    from instantid.resampler import Resampler
+    from instantid.weights import InstantIDWeights
+
+    modules = dict(unet.named_modules())
+    paths = attention_paths(unet)
+    layers = [modules[paths[key]] for key in cross_attention_keys(unet)]
+    cross_dim = layers[0].to_k.in_features
+    resampler = _seeded(seed + 40, lambda: Resampler(**RESAMPLER_SIZES["small"], output_dim=cross_dim))
+    generator = torch.Generator().manual_seed(seed + 41)
+
+    def draw(layer: Any) -> torch.Tensor:
+        return torch.randn((layer.to_k.out_features, cross_dim), generator=generator) * scale
+
+    return InstantIDWeights(
+        image_proj={key: value.detach() for key, value in resampler.state_dict().items()},
+        to_k_ip=tuple(draw(layer) for layer in layers),
+        to_v_ip=tuple(draw(layer) for layer in layers),
+        arch="tiny",
+        cross_attention_dim=cross_dim,
+        hidden_sizes=tuple(layer.to_k.out_features for layer in layers),
+    )

@@ -1,0 +1,193 @@
+"""``apply_instantid``: a copy-on-write UNet per identity, and a pipeline view that uses it.
+
+What is shared and what is copied:
+
+- The UNet: a :class:`cow_model.LazyClonedModel` of the pipeline's UNet with the identity's
+  processors on its cross-attention modules (and, for a start/end window, a step-recording
+  hook on a private copy of ``time_proj``). Every weight is shared; the clone owns only the
+  path-copied module shells and the identity's keys/values. The base UNet is never mutated.
+- The pipeline view: a shallow copy of the pipeline object (``copy.copy``: its own attribute
+  dict, every component shared) whose ``unet`` is the clone, whose ``scheduler`` is a new
+  instance made from the same config (schedulers hold per-generation state: timesteps, step
+  index), whose ``controlnet`` hands the face tokens to the ControlNet, and whose config dict
+  is its own (diffusers' ``DiffusionPipeline.__setattr__`` re-registers a component in the
+  config by replacing the config dict, never by editing it). Text encoders, tokenizers, VAE,
+  ControlNet weights and image processors are the base pipeline's own objects.
+- IdentityNet: InstantID's ControlNet takes the face tokens as its ``encoder_hidden_states``
+  where a stock ControlNet pipeline passes the text; :class:`FaceTokensControlNet` is a
+  transparent proxy of the pipeline's ControlNet (``isinstance`` checks pass) that swaps them
+  in, in the pipeline's batch layout (unconditional tokens for the negative half).
+
+A view runs one generation at a time (as any diffusers pipeline: its scheduler is stateful);
+views of several identities run concurrently, each from its own thread. Moving a view to
+another device or dtype moves the shared components, as it would the base pipeline's: move the
+base pipeline first, then apply. diffusers' own VAE upcast (``force_upcast`` with an fp16 VAE)
+converts the shared VAE in place, as the base pipeline does.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import wrapt
+from diffusers import DiffusionPipeline
+from torch import Tensor, nn
+
+from cow_model import LazyClonedModel
+from cow_model.diffusers import clone_with_attn_processor
+from instantid.diffusers.identity import DiffusersIdentity, FaceInput, prepare_identity
+from instantid.diffusers.processor import BatchLayout, TimestepGate, fixed_layout, pipeline_layout
+from instantid.face import CombineMode
+from instantid.weights import InstantIDWeights
+
+__all__ = ["FaceTokensControlNet", "apply_instantid", "identity_unet"]
+
+
+class FaceTokensControlNet(wrapt.CallableObjectProxy):
+    """A ControlNet (or MultiControlNetModel) that receives InstantID's face tokens instead of the text.
+
+    Calls pass through to the wrapped ControlNet with ``encoder_hidden_states`` replaced by the
+    face tokens: per chunk of the batch's layout, the conditional or unconditional tokens of
+    every identity set (concatenated), repeated over the chunk. In ``guess_mode`` the pipeline
+    runs the ControlNet on the conditional half only, so every sample gets the conditional
+    tokens. Everything else (attributes, ``isinstance``, config) is the wrapped ControlNet's;
+    the wrapped one is never changed.
+    """
+
+    def __init__(
+        self, controlnet: nn.Module, cond_tokens: Tensor, uncond_tokens: Tensor, layout: BatchLayout
+    ) -> None:
+        super().__init__(controlnet)
+        self._self_tokens = (cond_tokens.flatten(0, 1).unsqueeze(0), uncond_tokens.flatten(0, 1).unsqueeze(0))
+        self._self_layout = layout
+
+    def _self_face_context(self, text: Tensor, guess_mode: bool) -> Tensor:
+        codes = (0,) if guess_mode else tuple(self._self_layout())
+        if text.shape[0] % len(codes):
+            raise ValueError(
+                f"a ControlNet batch of {text.shape[0]} does not split into {len(codes)} chunks (cond_or_uncond={codes})"
+            )
+        chunk = text.shape[0] // len(codes)
+        parts = [self._self_tokens[1 if code == 1 else 0].expand(chunk, -1, -1) for code in codes]
+        return torch.cat(parts).to(device=text.device, dtype=text.dtype)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        guess_mode = bool(kwargs.get("guess_mode", False))
+        if "encoder_hidden_states" in kwargs:
+            kwargs["encoder_hidden_states"] = self._self_face_context(
+                kwargs["encoder_hidden_states"], guess_mode
+            )
+        elif len(args) >= 3:
+            args = (*args[:2], self._self_face_context(args[2], guess_mode), *args[3:])
+        return self.__wrapped__(*args, **kwargs)
+
+
+def _add_gate(time_proj: nn.Module, gate: TimestepGate) -> None:
+    time_proj.register_forward_pre_hook(gate.record)
+
+
+def identity_unet(unet: nn.Module, identity: DiffusersIdentity) -> LazyClonedModel:
+    """A copy-on-write clone of ``unet`` carrying ``identity``'s processors (and gate hook); ``unet`` is untouched."""
+    clone = clone_with_attn_processor(unet, identity.processors)
+    gate = identity.gate
+    if gate is not None:
+        clone.patch_block("time_proj", lambda module: _add_gate(module, gate))
+    return clone
+
+
+def _pipeline_view(pipe: Any) -> Any:
+    """A shallow copy of ``pipe`` with its own attribute dict, progress-bar settings and scheduler instance."""
+    view = copy.copy(pipe)
+    if isinstance(getattr(pipe, "_progress_bar_config", None), dict):
+        view._progress_bar_config = dict(pipe._progress_bar_config)
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is not None:
+        view.scheduler = type(scheduler).from_config(scheduler.config)
+    return view
+
+
+def apply_instantid(
+    pipe_or_unet: Any,
+    adapter: InstantIDWeights,
+    face: FaceInput,
+    *,
+    weight: float | Mapping[int, float] | Tensor = 0.8,
+    weight_type: str = "linear",
+    start: float = 0.0,
+    end: float = 1.0,
+    noise: float = 0.0,
+    embeds_scaling: str = "V only",
+    face_analysis: Any | None = None,
+    combine: CombineMode = "average",
+    identitynet: bool = True,
+    cfg: bool = True,
+    num_train_timesteps: int = 1000,
+) -> Any:
+    """InstantID on a copy-on-write UNet: returns a pipeline view for a pipeline, a UNet clone for a UNet.
+
+    ``face``: a 512-d embedding, ``FaceResult``(s), or image(s) with ``face_analysis`` (see
+    :func:`instantid.diffusers.identity.face_embedding`; ``combine`` merges several).
+    ``weight`` (a number, a per-transformer dict or a per-layer tensor) and ``weight_type`` as
+    in :func:`instantid.weight_schedules.layer_weights`; ``start``/``end``: the fraction of the
+    denoising schedule where the identity applies; ``noise``: noise in the unconditional
+    embedding; ``embeds_scaling``: see :func:`instantid.attention.identity_attention`.
+
+    For a pipeline (any ``DiffusionPipeline`` with a ``unet``): the batch layout follows the
+    pipeline's classifier-free guidance, the step window uses its scheduler's
+    ``num_train_timesteps``, and with ``identitynet`` its ControlNet (if any) receives the
+    face tokens. Call the view as the pipeline (e.g. ``image=`` the keypoint image from
+    ``instantid.keypoints.draw_kps``). For a UNet: ``cfg`` says whether callers pass diffusers'
+    classifier-free guidance batch (negative half first) or conditional samples only.
+
+    The base pipeline and UNet are never mutated. Raises ``ValueError`` for a UNet without
+    cross-attention, an adapter whose layers do not match the UNet's, a face embedding of the
+    wrong size, and bad weights or windows; ``TypeError`` for an argument that is neither a
+    pipeline nor a UNet.
+    """
+    options: dict[str, Any] = {
+        "weight": weight,
+        "weight_type": weight_type,
+        "start": start,
+        "end": end,
+        "noise": noise,
+        "embeds_scaling": embeds_scaling,
+        "face_analysis": face_analysis,
+        "combine": combine,
+    }
+    if isinstance(pipe_or_unet, DiffusionPipeline):
+        pipe: Any = pipe_or_unet
+        if getattr(pipe, "unet", None) is None:
+            raise TypeError(
+                f"{type(pipe).__name__} has no UNet; InstantID needs a UNet-based pipeline (SD1.5 or SDXL)"
+            )
+        view = _pipeline_view(pipe)
+        identity = prepare_identity(
+            pipe.unet,
+            adapter,
+            face,
+            layout=pipeline_layout(view),
+            num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps),
+            **options,
+        )
+        view.unet = identity_unet(pipe.unet, identity)
+        if identitynet and getattr(pipe, "controlnet", None) is not None:
+            view.controlnet = FaceTokensControlNet(
+                pipe.controlnet, identity.cond_tokens, identity.uncond_tokens, pipeline_layout(view)
+            )
+        return view
+    if isinstance(pipe_or_unet, nn.Module):
+        identity = prepare_identity(
+            pipe_or_unet,
+            adapter,
+            face,
+            layout=fixed_layout(cfg),
+            num_train_timesteps=num_train_timesteps,
+            **options,
+        )
+        return identity_unet(pipe_or_unet, identity)
+    raise TypeError(
+        f"apply_instantid takes a diffusers pipeline or UNet; got a {type(pipe_or_unet).__name__}"
+    )
