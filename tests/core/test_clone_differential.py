@@ -112,7 +112,7 @@ patch_ops = st.lists(
 )
 
 
-@settings(max_examples=300)
+@settings(max_examples=2000)
 @given(seed=st.integers(0, 10**6), ops=patch_ops)
 def test_clone_matches_deepcopy_then_patch(seed: int, ops: list[tuple[str, int, int]]) -> None:
     base = random_tree(random.Random(seed), depth=3)
