@@ -38,6 +38,7 @@ def random_adapter_state(
     """``(image_proj, ip_adapter)`` state dicts (keys without the group prefix) drawn from ``seed``.
 
     Weights are N(0, scale); LayerNorm weights are 1 + N(0, scale), so the Resampler's output is O(1).
+    ``scale=0`` gives constant tensors (zeros, LayerNorm weights 1) without drawing.
     """
     generator = torch.Generator().manual_seed(seed)
     cross_dim = ARCHS[arch]["cross_attention_dim"]
@@ -45,6 +46,8 @@ def random_adapter_state(
         shapes = Resampler(**RESAMPLER_SIZES[resampler], output_dim=cross_dim).state_dict()
 
     def draw(shape: torch.Size | tuple[int, ...], mean: float = 0.0) -> Tensor:
+        if scale == 0:  # constant tensors: fast, for tests that need only the shapes
+            return torch.full(shape, mean, dtype=dtype)
         return (torch.randn(shape, generator=generator) * scale + mean).to(dtype)
 
     image_proj = {}

@@ -106,13 +106,13 @@ class Resampler(nn.Module):
         return module.eval()
 
     def forward(self, embeds: Tensor) -> Tensor:
-        if embeds.ndim == 2:
-            embeds = embeds.unsqueeze(1)
-        if embeds.ndim != 3 or embeds.shape[-1] != self.embedding_dim:
+        if embeds.ndim not in (2, 3) or embeds.shape[-1] != self.embedding_dim:
             raise ValueError(
                 f"expected face embeddings of shape [B, {self.embedding_dim}] or [B, N, {self.embedding_dim}], "
                 f"got {list(embeds.shape)}"
             )
+        if embeds.ndim == 2:
+            embeds = embeds.unsqueeze(1)
         features = self.proj_in(embeds)
         latents = self.latents.expand(embeds.shape[0], -1, -1)
         for block in self.layers:
