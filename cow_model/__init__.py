@@ -12,7 +12,7 @@ Nothing here knows about ComfyUI, diffusers or InstantID; their adapters live in
 """
 
 from .cache import PatchCache
-from .clone import LazyClonedModel
+from .clone import LazyClonedModel, register_scoped_method
 from .errors import SharedWeightsError, UnknownPathError
 from .options import cow_copy, is_shared, register_shared
 
@@ -23,5 +23,6 @@ __all__ = [
     "UnknownPathError",
     "cow_copy",
     "is_shared",
+    "register_scoped_method",
     "register_shared",
 ]

@@ -312,3 +312,24 @@ def _conversion(name: str) -> Callable[..., Any]:
 
 for _name in _CONVERSIONS:
     setattr(LazyClonedModel, _name, _conversion(_name))
+
+
+def register_scoped_method(name: str, method: Callable[..., Any]) -> None:
+    """Make ``clone.<name>(...)`` call ``method(clone, ...)`` on every ``LazyClonedModel``.
+
+    For adapters: a framework method that mutates a model's modules in place (diffusers'
+    ``set_attn_processor``, say) would, called through the proxy, reach modules the clone
+    shares with its base. Registering a clone-scoped version (one that goes through
+    ``patch_block``) makes the natural call safe. Raises ``ValueError`` if ``name`` is already
+    one of the proxy's own attributes, other than a method registered here before.
+    """
+    existing = LazyClonedModel.__dict__.get(name)
+    if existing is not None and not getattr(existing, "__cow_scoped__", False):
+        raise ValueError(f"{name!r} is already an attribute of LazyClonedModel and cannot be replaced")
+
+    @functools.wraps(method)
+    def scoped(self: LazyClonedModel, *args: Any, **kwargs: Any) -> Any:
+        return method(self, *args, **kwargs)
+
+    scoped.__cow_scoped__ = True  # type: ignore[attr-defined]
+    setattr(LazyClonedModel, name, scoped)

@@ -222,3 +222,32 @@ def test_copy_makes_a_clone_and_deepcopy_and_pickle_make_plain_modules() -> None
     assert type(deep) is nn.Sequential and deep[0].weight.data_ptr() != base[0].weight.data_ptr()
     restored = pickle.loads(pickle.dumps(clone))
     assert type(restored) is nn.Sequential and torch.equal(restored[0].weight, base[0].weight)
+
+
+def test_registered_scoped_methods_replace_in_place_mutators_on_clones() -> None:
+    from cow_model import register_scoped_method
+
+    def zero_bias_everywhere(module: nn.Module) -> None:  # an in-place mutator, like set_attn_processor
+        for child in module.modules():
+            if isinstance(child, nn.Linear):
+                child.bias = nn.Parameter(torch.zeros_like(child.bias))
+
+    def scoped(clone: LazyClonedModel) -> None:
+        for name, child in list(clone.named_modules()):
+            if isinstance(child, nn.Linear):
+                clone.patch_block(name, zero_bias_everywhere)
+
+    base = small_model()
+    nn.Sequential.zero_bias_everywhere = zero_bias_everywhere  # type: ignore[attr-defined]
+    try:
+        register_scoped_method("zero_bias_everywhere", scoped)
+        register_scoped_method("zero_bias_everywhere", scoped)  # re-registering is allowed
+        clone = LazyClonedModel(base)
+        clone.zero_bias_everywhere()
+        assert torch.count_nonzero(clone[2].bias) == 0
+        assert torch.count_nonzero(base[2].bias) > 0
+        with pytest.raises(ValueError, match="'patch_block' is already an attribute"):
+            register_scoped_method("patch_block", scoped)
+    finally:
+        del nn.Sequential.zero_bias_everywhere  # type: ignore[attr-defined]
+        delattr(LazyClonedModel, "zero_bias_everywhere")
