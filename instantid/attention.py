@@ -8,7 +8,7 @@ on the unconditional one), :func:`precompute_kv` projects both token sets throug
 layer's ``to_k_ip``/``to_v_ip`` into :class:`IdentityKV` holders; the patch keeps those, not
 the adapter. Per step and layer: :func:`sigma_in_range` gates, :func:`identity_attention`
 computes the term. Weights per layer come from :func:`instantid.weight_schedules.layer_weights`,
-masks are resized by :func:`instantid.masks.resize_mask`.
+masks are resized by :func:`instantid.masks.resize_mask` (once per layer grid with a :class:`instantid.masks.LayerMasks`).
 
 Batches follow ComfyUI's layout: ``q`` holds ``len(cond_or_uncond)`` chunks of equal size, chunk
 ``i`` conditional when ``cond_or_uncond[i] != 1`` and unconditional when it is 1. diffusers'
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from instantid.masks import resize_mask
+from instantid.masks import LayerMasks
 from instantid.weight_schedules import WEIGHT_TYPES, layer_weights
 from instantid.weights import FACE_EMBEDDING_DIM, InstantIDWeights
 
@@ -34,6 +34,7 @@ __all__ = [
     "WEIGHT_TYPES",
     "AttentionFn",
     "IdentityKV",
+    "LayerMasks",
     "default_attention",
     "face_tokens",
     "identity_attention",
@@ -195,8 +196,9 @@ def sigma_in_range(sigma: float | Tensor, sigma_start: float, sigma_end: float) 
 
 def _fit(t: Tensor, size: int) -> Tensor:
     """``t`` along dim 0 cut to ``size`` or padded by repeating its last entry."""
-    index = torch.arange(size, device=t.device).clamp(max=t.shape[0] - 1)
-    return t.index_select(0, index)
+    if t.shape[0] >= size:
+        return t[:size]
+    return torch.cat([t, t[-1:].expand(size - t.shape[0], *t.shape[1:])])
 
 
 def identity_attention(
@@ -206,7 +208,7 @@ def identity_attention(
     heads: int,
     weight: float | Tensor,
     cond_or_uncond: Sequence[int] | None = None,
-    mask: Tensor | None = None,
+    mask: Tensor | LayerMasks | None = None,
     original_shape: Sequence[int] | None = None,
     embeds_scaling: str = "V only",
     attention: AttentionFn | None = None,
@@ -220,8 +222,9 @@ def identity_attention(
     conditional chunk). Without ``unfold_batch`` every image attends to the tokens of all of
     ``kv``'s identity sets (concatenated); with it, image ``i`` of each chunk attends to set ``i``
     (the last set repeats when there are fewer sets than images). ``mask`` (``[H, W]`` or
-    ``[M, H, W]``, one per image, cut or padded likewise) multiplies the term after resizing to
-    the layer's grid, which needs ``original_shape`` (the latent's ``[B, C, H, W]``).
+    ``[M, H, W]``, one per image, cut or padded likewise; or a :class:`~instantid.masks.LayerMasks`,
+    which resizes once per layer grid instead of on every call) multiplies the term after
+    resizing to the layer's grid, which needs ``original_shape`` (the latent's ``[B, C, H, W]``).
     ``embeds_scaling`` is one of :data:`EMBEDS_SCALINGS`:
 
     * ``V only``: ``w * attn(q, K, V)``
@@ -264,14 +267,12 @@ def identity_attention(
             return q.new_zeros(q.shape)
 
     kv = kv.to(device=q.device, dtype=q.dtype)
-    chunk_index = torch.tensor(codes, device=q.device)
-    if unfold_batch:
-        sets = torch.arange(per_chunk, device=q.device).clamp(max=kv.num_sets - 1)
-        k = kv.k.index_select(0, chunk_index).index_select(1, sets).flatten(0, 1)
-        v = kv.v.index_select(0, chunk_index).index_select(1, sets).flatten(0, 1)
-    else:
-        k = kv.k.flatten(1, 2).index_select(0, chunk_index).repeat_interleave(per_chunk, dim=0)
-        v = kv.v.flatten(1, 2).index_select(0, chunk_index).repeat_interleave(per_chunk, dim=0)
+    if unfold_batch:  # image i of a chunk gets identity set i: [per_chunk, T, C] per chunk
+        k = torch.cat([_fit(kv.k[code], per_chunk) for code in codes])
+        v = torch.cat([_fit(kv.v[code], per_chunk) for code in codes])
+    else:  # every image gets all sets' tokens: [per_chunk, n * T, C] per chunk
+        k = torch.cat([kv.k[code].flatten(0, 1).expand(per_chunk, -1, -1) for code in codes])
+        v = torch.cat([kv.v[code].flatten(0, 1).expand(per_chunk, -1, -1) for code in codes])
 
     attend = attention or default_attention
     if embeds_scaling == "V only":
@@ -287,6 +288,7 @@ def identity_attention(
         out = attend(q, k * scale, v, heads)
 
     if mask is not None and original_shape is not None:
-        grid_mask = _fit(resize_mask(mask.to(q.device), num_tokens, original_shape), per_chunk)
-        out = out * grid_mask.repeat(len(codes), 1).unsqueeze(-1).to(out.dtype)
+        masks = mask if isinstance(mask, LayerMasks) else LayerMasks(mask)
+        grid = _fit(masks.for_layer(num_tokens, original_shape, out), per_chunk)
+        out = out * grid.repeat(len(codes), 1).unsqueeze(-1)
     return out.to(q.dtype)

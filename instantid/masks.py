@@ -44,3 +44,43 @@ def resize_mask(mask: Tensor, num_tokens: int, original_shape: Sequence[int]) ->
     h, w = token_grid(num_tokens, original_shape)
     resized = F.interpolate(mask.unsqueeze(1).float(), size=(h, w), mode="bilinear", antialias=True)
     return resized.reshape(mask.shape[0], h * w)
+
+
+class LayerMasks:
+    """One mask and its resized versions, computed once per (token count, latent size, device, dtype).
+
+    Hand this to :func:`instantid.attention.identity_attention` instead of a bare tensor when the
+    same mask serves many layers and steps: each layer grid is resized (and moved to the
+    queries' device) once instead of on every call. Immutable as far as callers can tell:
+    ``copy``/``deepcopy`` return the same object, and ``__cow_shared__`` lets ``cow_copy`` share it.
+    Raises ``ValueError`` at construction for a mask of another rank.
+    """
+
+    __cow_shared__ = True
+
+    def __init__(self, mask: Tensor) -> None:
+        if mask.ndim not in (2, 3):
+            raise ValueError(f"expected a mask of shape [H, W] or [M, H, W], got {list(mask.shape)}")
+        self.mask = mask
+        self._grids: dict[tuple[int, int, int, str, str], Tensor] = {}
+
+    def __copy__(self) -> LayerMasks:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> LayerMasks:
+        return self
+
+    def for_layer(self, num_tokens: int, original_shape: Sequence[int], like: Tensor) -> Tensor:
+        """``[M, num_tokens]`` on ``like``'s device in its dtype (see :func:`resize_mask`)."""
+        key = (
+            num_tokens,
+            int(original_shape[-2]),
+            int(original_shape[-1]),
+            str(like.device),
+            str(like.dtype),
+        )
+        grid = self._grids.get(key)
+        if grid is None:
+            grid = resize_mask(self.mask, num_tokens, original_shape).to(device=like.device, dtype=like.dtype)
+            self._grids[key] = grid
+        return grid

@@ -11,6 +11,7 @@ import torch
 from instantid.attention import (
     EMBEDS_SCALINGS,
     IdentityKV,
+    LayerMasks,
     default_attention,
     face_tokens,
     identity_attention,
@@ -309,3 +310,23 @@ def test_sigma_gating():
     assert not sigma_in_range(20.0, sigma_start=14.6, sigma_end=0.03)
     assert not sigma_in_range(torch.tensor([0.01]), sigma_start=14.6, sigma_end=0.03)
     assert not sigma_in_range(5.0, sigma_start=3.0, sigma_end=1.0)  # start_at later in sampling
+
+
+def test_layer_masks_resize_once_per_grid(layer0):
+    kv, q = layer0[0], _query(2, tokens=32 * 48)
+    mask = torch.rand(2, 512, 768)
+    masks = LayerMasks(mask)
+    shape = [2, 4, 64, 96]
+    got = identity_attention(q, kv, heads=HEADS, weight=1.0, mask=masks, original_shape=shape)
+    torch.testing.assert_close(
+        got, identity_attention(q, kv, heads=HEADS, weight=1.0, mask=mask, original_shape=shape)
+    )
+    grid = masks.for_layer(32 * 48, shape, q)
+    assert grid.shape == (2, 32 * 48)
+    assert masks.for_layer(32 * 48, shape, q) is grid  # cached
+    assert masks.for_layer(16 * 24, shape, q).shape == (2, 16 * 24)
+    assert copy.deepcopy(masks) is masks
+    with pytest.raises(
+        ValueError, match=r"expected a mask of shape \[H, W\] or \[M, H, W\], got \[1, 1, 8, 8\]"
+    ):
+        LayerMasks(torch.ones(1, 1, 8, 8))
