@@ -1,0 +1,188 @@
+"""Saved ComfyUI_InstantID workflows load onto this pack unchanged.
+
+The repository is loaded the way ComfyUI loads a clone in ``custom_nodes/`` (its own
+``nodes.load_custom_node`` on the repository folder); then every node of the saved workflows in
+``../shared/workflows`` whose type is an InstantID node must resolve to this pack, its
+``widgets_values`` must map onto its widget inputs in ``INPUT_TYPES`` order (types, ranges, combo
+choices), and its links must meet inputs and outputs of the types the workflow recorded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.comfy import comfyui
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = REPO_ROOT.parent / "shared" / "workflows"
+WORKFLOW_FILES = ("InstantID_basic.json", "InstantID_IPAdapter.json")
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+SEVEN = (
+    "InstantIDModelLoader",
+    "InstantIDFaceAnalysis",
+    "FaceKeypointsPreprocessor",
+    "ApplyInstantID",
+    "ApplyInstantIDAdvanced",
+    "InstantIDAttentionPatch",
+    "ApplyInstantIDControlNet",
+)
+OTHER_PACKS = ("IPAdapterModelLoader", "IPAdapterAdvanced")
+"""Node types of ComfyUI_IPAdapter_plus in the IP-Adapter workflow: neither stock nor ours."""
+
+
+@pytest.fixture(scope="module")
+def pack(comfy: comfyui.ComfyUI, tmp_path_factory: pytest.TempPathFactory) -> dict[str, type]:
+    """The node classes ComfyUI registered after loading this repository as a custom node."""
+    custom_nodes = tmp_path_factory.mktemp("custom_nodes")
+    clone = custom_nodes / "comfyui-instantid-cow"
+    clone.symlink_to(REPO_ROOT, target_is_directory=True)
+    assert comfy.nodes.load_custom_node(str(clone)), "ComfyUI could not load the repository as a custom node"
+    return {name: comfy.nodes.NODE_CLASS_MAPPINGS[name] for name in SEVEN}
+
+
+@pytest.fixture(scope="module")
+def instantid_models(comfy: comfyui.ComfyUI, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models/instantid folder holding the adapter the workflows name, registered with ComfyUI."""
+    folder = tmp_path_factory.mktemp("instantid")
+    (folder / "ip-adapter.bin").write_bytes(b"")
+    comfy.folder_paths.add_model_folder_path("instantid", str(folder))
+    return folder
+
+
+def _workflow(name: str) -> dict[str, Any]:
+    path = WORKFLOWS / name
+    assert path.is_file(), f"saved workflow {path} is missing (the shared folder beside the repository)"
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+def _inputs(node_class: type) -> dict[str, Any]:
+    spec = node_class.INPUT_TYPES()  # type: ignore[attr-defined]
+    return {**spec.get("required", {}), **spec.get("optional", {})}
+
+
+def _is_widget(spec: tuple[Any, ...]) -> bool:
+    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+
+
+def _check_widget(node: str, name: str, spec: tuple[Any, ...], value: Any) -> None:
+    kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+    if isinstance(kind, list):
+        assert value in kind, f"{node}.{name}: {value!r} is not among the choices {kind}"
+    elif kind == "FLOAT":
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{node}.{name}: {value!r}"
+        assert options["min"] <= value <= options["max"], f"{node}.{name}: {value} outside {options}"
+    elif kind == "INT":
+        assert isinstance(value, int), f"{node}.{name}: {value!r} is not an integer"
+    elif kind == "STRING":
+        assert isinstance(value, str), f"{node}.{name}: {value!r} is not a string"
+
+
+def test_the_repository_loads_as_a_custom_node(comfy: comfyui.ComfyUI, pack: dict[str, type]) -> None:
+    from instantid.comfy import nodes
+
+    for name in SEVEN:
+        assert pack[name] is nodes.NODE_CLASS_MAPPINGS[name]
+        assert comfy.nodes.NODE_DISPLAY_NAME_MAPPINGS[name] == nodes.NODE_DISPLAY_NAME_MAPPINGS[name]
+        node_class = pack[name]
+        assert node_class.CATEGORY == "InstantID"  # type: ignore[attr-defined]
+        assert callable(getattr(node_class, node_class.FUNCTION))  # type: ignore[attr-defined]
+    assert comfy.folder_paths.get_folder_paths("instantid"), "models/instantid is not registered"
+
+
+@pytest.mark.parametrize("workflow_file", WORKFLOW_FILES)
+def test_saved_workflow_nodes_resolve_and_their_widgets_fit(
+    comfy: comfyui.ComfyUI, pack: dict[str, type], instantid_models: Path, workflow_file: str
+) -> None:
+    workflow = _workflow(workflow_file)
+    nodes_by_id = {node["id"]: node for node in workflow["nodes"]}
+    ours = [node for node in workflow["nodes"] if node["type"] in pack]
+    assert {"InstantIDModelLoader", "InstantIDFaceAnalysis", "ApplyInstantID"} <= {n["type"] for n in ours}
+    for node in workflow["nodes"]:
+        assert node["type"] in comfy.nodes.NODE_CLASS_MAPPINGS or node["type"] in OTHER_PACKS, node["type"]
+
+    for node in ours:
+        node_class = pack[node["type"]]
+        inputs = _inputs(node_class)
+        widgets = [(name, spec) for name, spec in inputs.items() if _is_widget(spec)]
+        values = node.get("widgets_values") or []
+        assert len(values) == len(widgets), f"{node['type']}: {values} vs widgets {[w for w, _ in widgets]}"
+        for (name, spec), value in zip(widgets, values, strict=True):
+            _check_widget(node["type"], name, spec, value)
+        for link_input in node.get("inputs", []):
+            assert link_input["name"] in inputs, f"{node['type']} has no input {link_input['name']!r}"
+            assert inputs[link_input["name"]][0] == link_input["type"]
+        returns = node_class.RETURN_TYPES  # type: ignore[attr-defined]
+        assert [output["type"] for output in node.get("outputs", [])] == list(returns)
+
+    for _, source, slot, target, target_slot, kind in workflow["links"]:
+        if nodes_by_id[source]["type"] in pack:
+            assert pack[nodes_by_id[source]["type"]].RETURN_TYPES[slot] == kind  # type: ignore[attr-defined]
+        if nodes_by_id[target]["type"] in pack:
+            name = nodes_by_id[target]["inputs"][target_slot]["name"]
+            assert _inputs(pack[nodes_by_id[target]["type"]])[name][0] == kind
+
+
+def test_the_model_file_choice_lists_the_instantid_folder(pack: dict[str, type], instantid_models: Path) -> None:
+    """The loader's combo is the live list of files in the instantid model folders, as in the original."""
+    choices = _inputs(pack["InstantIDModelLoader"])["instantid_file"][0]
+    assert "ip-adapter.bin" in choices
+    (instantid_models / "another.safetensors").write_bytes(b"")
+    (instantid_models / "notes.txt").write_text("not a model")
+    choices = _inputs(pack["InstantIDModelLoader"])["instantid_file"][0]
+    assert "another.safetensors" in choices and "notes.txt" not in choices
+
+
+def test_interface_matches_comfyui_instantid(pack: dict[str, type]) -> None:
+    """Input order, defaults and ranges of the widgets users have saved (as ComfyUI_InstantID declares them)."""
+
+    def widgets(name: str) -> list[tuple[str, Any]]:
+        return [
+            (key, spec[1] if len(spec) > 1 else spec[0])
+            for key, spec in _inputs(pack[name]).items()
+            if _is_widget(spec)
+        ]
+
+    def float_spec(default: float, low: float, high: float, step: float) -> dict[str, float]:
+        return {"default": default, "min": low, "max": high, "step": step}
+
+    start, end = float_spec(0.0, 0.0, 1.0, 0.001), float_spec(1.0, 0.0, 1.0, 0.001)
+    noise = float_spec(0.0, 0.0, 1.0, 0.1)
+    assert widgets("InstantIDFaceAnalysis") == [("provider", ["CPU", "CUDA", "ROCM", "CoreML"])]
+    assert widgets("ApplyInstantID") == [("weight", float_spec(0.8, 0.0, 5.0, 0.01)), ("start_at", start), ("end_at", end)]
+    assert widgets("ApplyInstantIDAdvanced") == [
+        ("ip_weight", float_spec(0.8, 0.0, 3.0, 0.01)),
+        ("cn_strength", float_spec(0.8, 0.0, 10.0, 0.01)),
+        ("start_at", start),
+        ("end_at", end),
+        ("noise", noise),
+        ("combine_embeds", {"default": "average"}),
+    ]
+    assert _inputs(pack["ApplyInstantIDAdvanced"])["combine_embeds"][0] == ["average", "norm average", "concat"]
+    assert widgets("InstantIDAttentionPatch") == [
+        ("weight", float_spec(1.0, -1.0, 3.0, 0.01)),
+        ("start_at", start),
+        ("end_at", end),
+        ("noise", noise),
+    ]
+    assert widgets("ApplyInstantIDControlNet") == [("strength", float_spec(1.0, 0.0, 10.0, 0.01)), ("start_at", start), ("end_at", end)]
+    links = {name: [k for k, spec in _inputs(pack[name]).items() if not _is_widget(spec)] for name in SEVEN}
+    assert links["ApplyInstantID"] == [
+        "instantid", "insightface", "control_net", "image", "model", "positive", "negative", "image_kps", "mask"
+    ]
+    assert links["ApplyInstantIDControlNet"] == ["face_embeds", "control_net", "image_kps", "positive", "negative", "mask"]
+    assert links["InstantIDAttentionPatch"] == ["instantid", "insightface", "image", "model", "mask"]
+    assert links["FaceKeypointsPreprocessor"] == ["faceanalysis", "image"]
+    returns = {name: (pack[name].RETURN_TYPES, pack[name].FUNCTION) for name in SEVEN}  # type: ignore[attr-defined]
+    assert returns == {
+        "InstantIDModelLoader": (("INSTANTID",), "load_model"),
+        "InstantIDFaceAnalysis": (("FACEANALYSIS",), "load_insight_face"),
+        "FaceKeypointsPreprocessor": (("IMAGE",), "preprocess_image"),
+        "ApplyInstantID": (("MODEL", "CONDITIONING", "CONDITIONING"), "apply_instantid"),
+        "ApplyInstantIDAdvanced": (("MODEL", "CONDITIONING", "CONDITIONING"), "apply_instantid"),
+        "InstantIDAttentionPatch": (("MODEL", "FACE_EMBEDS"), "patch_attention"),
+        "ApplyInstantIDControlNet": (("CONDITIONING", "CONDITIONING"), "apply_controlnet"),
+    }
