@@ -7,6 +7,8 @@ import re
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from instantid.attention import (
     EMBEDS_SCALINGS,
@@ -330,3 +332,43 @@ def test_layer_masks_resize_once_per_grid(layer0):
         ValueError, match=r"expected a mask of shape \[H, W\] or \[M, H, W\], got \[1, 1, 8, 8\]"
     ):
         LayerMasks(torch.ones(1, 1, 8, 8))
+
+
+@given(
+    codes=st.lists(st.integers(0, 2), min_size=1, max_size=3),
+    per_chunk=st.integers(1, 3),
+    num_sets=st.integers(1, 3),
+    unfold=st.booleans(),
+    weights=st.lists(st.floats(0.1, 2.0), min_size=1, max_size=4),
+    scaling=st.sampled_from(EMBEDS_SCALINGS),
+)
+def test_every_row_gets_its_chunk_image_and_weight(codes, per_chunk, num_sets, unfold, weights, scaling):
+    """Each query row against an explicit per-row reference, for any batch layout."""
+    heads, width, tokens = 2, 128, 16
+    gen = torch.Generator().manual_seed(len(codes) * 100 + per_chunk * 10 + num_sets)
+    kv = IdentityKV(
+        torch.randn(2, num_sets, tokens, width, generator=gen),
+        torch.randn(2, num_sets, tokens, width, generator=gen),
+    )
+    q = torch.randn(len(codes) * per_chunk, 8, width, generator=gen)
+    weight = torch.tensor(weights) if len(weights) > 1 else weights[0]
+    got = identity_attention(
+        q, kv, heads=heads, weight=weight, cond_or_uncond=codes, embeds_scaling=scaling, unfold_batch=unfold
+    )
+    for row in range(q.shape[0]):
+        chunk, image = divmod(row, per_chunk)
+        code = 1 if codes[chunk] == 1 else 0
+        if unfold:
+            k, v = kv.k[code, min(image, num_sets - 1)], kv.v[code, min(image, num_sets - 1)]
+        else:
+            k, v = kv.k[code].flatten(0, 1), kv.v[code].flatten(0, 1)
+        w = weights[min(image, len(weights) - 1)]
+        k, v = k.unsqueeze(0).double(), v.unsqueeze(0).double()
+        if scaling == "V only":
+            expected = w * _naive_attention(q[row : row + 1], k, v, heads)
+        else:
+            w = w * (width / 1280 if "penalty" in scaling else 1.0)
+            mean = v.mean(dim=1, keepdim=True)
+            v = v - mean + mean * w if scaling == "K+mean(V) w/ C penalty" else v * w
+            expected = _naive_attention(q[row : row + 1], k * w, v, heads)
+        torch.testing.assert_close(got[row : row + 1].double(), expected, atol=1e-5, rtol=1e-5)
