@@ -177,8 +177,9 @@ def _detector_level(stride: int, feature: str) -> tuple[list[onnx.NodeProto], tu
     return nodes, (score, boxes, kps)
 
 
-def build_detector() -> onnx.ModelProto:
-    """The SCRFD-layout tag detector described in the module docstring."""
+def build_detector(keypoints: bool = True) -> onnx.ModelProto:
+    """The SCRFD-layout tag detector described in the module docstring; without ``keypoints``, the
+    six-output SCRFD variant (scores and boxes only)."""
     # Distances are in stride units (insightface multiplies by the stride). With t = 3 s sqrt(S) and the
     # face box side 3 t: half the box is 4.5 * FACE_PER_TAG / 3 * sqrt(S) strides; keypoints likewise.
     per_extent = 3.0 * FACE_PER_TAG
@@ -216,7 +217,7 @@ def build_detector() -> onnx.ModelProto:
     widths = {"score": 1, "bbox": 4, "kps": 10}
     graph_outputs = [
         helper.make_tensor_value_info(name, TensorProto.FLOAT, [f"n{name.split('_')[1]}", widths[kind]])
-        for kind in ("score", "bbox", "kps")
+        for kind in (("score", "bbox", "kps") if keypoints else ("score", "bbox"))
         for name in outputs[kind]
     ]
     graph = helper.make_graph(

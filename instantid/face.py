@@ -156,6 +156,11 @@ def load_face_analysis(root: str | Path, provider: str = "CPU", det_size: int = 
             f"no SCRFD face detector found among the .onnx files in {folder}: expected {DETECTOR_FILE} "
             "(a model with 9 outputs: scores, boxes and keypoints at strides 8, 16, 32)"
         ) from error
+    if not app.det_model.use_kps:
+        raise RuntimeError(
+            f"the face detector in {folder} gives no keypoints (a 6-output SCRFD); InstantID needs keypoints: "
+            f"expected {DETECTOR_FILE} (9 outputs: scores, boxes and keypoints at strides 8, 16, 32)"
+        )
     if "recognition" not in app.models:
         raise RuntimeError(
             f"no ArcFace recognizer found among the .onnx files in {folder}: expected {RECOGNIZER_FILE} "

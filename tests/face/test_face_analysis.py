@@ -4,6 +4,7 @@ detect green "face tags" pasted on the photos insightface ships."""
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,14 @@ from insightface.model_zoo.scrfd import SCRFD
 from insightface.utils import face_align
 from onnx import numpy_helper
 
-from bench.face_models import FACE_PER_TAG, RECOGNIZER_FILE, paste_face_tag
+from bench.face_models import DETECTOR_FILE, FACE_PER_TAG, RECOGNIZER_FILE, build_detector, paste_face_tag
 from instantid.face import (
     DETECTION_SIZES,
     FaceResult,
     NoFaceDetectedError,
     analyze_face,
     analyze_faces,
+    load_face_analysis,
 )
 
 # t1.jpg is 1280 wide: at detection size D it is scaled by D / 1280, so at 640 a stride-32 anchor falls
@@ -158,3 +160,24 @@ def test_not_an_array_and_empty_batch_are_refused(face_app: Any) -> None:
         analyze_face(face_app, [[0, 0, 0]])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no images given"):
         analyze_faces(face_app, [])
+
+
+def test_detector_without_keypoints_is_refused(tmp_path: Path, antelope_root: Path) -> None:
+    folder = tmp_path / "models" / "antelopev2"
+    shutil.copytree(antelope_root / "models" / "antelopev2", folder)
+    onnx.save(build_detector(keypoints=False), str(folder / DETECTOR_FILE))
+    with pytest.raises(RuntimeError, match=r"gives no keypoints .* expected scrfd_10g_bnkps\.onnx"):
+        load_face_analysis(tmp_path)
+
+
+def test_face_analysis_without_recognizer_is_refused(antelope_root: Path, group_photo: np.ndarray) -> None:
+    from insightface.app import FaceAnalysis
+
+    app = FaceAnalysis(
+        name=str(antelope_root / "models" / "antelopev2"),
+        allowed_modules=["detection"],
+        providers=["CPUExecutionProvider"],
+    )
+    app.prepare(ctx_id=0, det_size=(640, 640))
+    with pytest.raises(ValueError, match="returned no embedding"):
+        analyze_face(app, paste_face_tag(group_photo, FACE_CENTRE, 80))
