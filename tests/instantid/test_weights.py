@@ -316,3 +316,23 @@ def test_pickle_of_something_else(tmp_path):
     torch.save([torch.zeros(1)], path)
     with pytest.raises(AdapterFormatError, match="holds a list; expected a dict"):
         load_instantid(path)
+
+
+def test_header_cut_short(small_adapter_files, tmp_path):
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(small_adapter_files["safetensors"].read_bytes()[:40])
+    with pytest.raises(
+        AdapterFormatError, match=r"is truncated: its safetensors header claims \d+ bytes but the file has 40"
+    ):
+        load_instantid(cut)
+
+
+def test_pickle_with_prefixed_keys_loads(tmp_path, small_adapter_state):
+    image_proj, ip_adapter = small_adapter_state
+    flat = {f"image_proj.{k}": v for k, v in image_proj.items()} | {
+        f"ip_adapter.{k}": v for k, v in ip_adapter.items()
+    }
+    path = tmp_path / "flat.bin"
+    torch.save(flat, path)
+    weights = load_instantid(path)
+    assert torch.equal(weights.to_v_ip[15], ip_adapter["31.to_v_ip.weight"])
