@@ -13,7 +13,7 @@ def face(seed: int) -> torch.Tensor:
 def unet_inputs(batch: int = 2, seed: int = 0, timestep: float = 500.0) -> tuple[tuple, dict]:
     """Positional and keyword arguments for one forward of the tiny SDXL UNet."""
     g = torch.Generator().manual_seed(seed)
-    sample = torch.randn(batch, 4, 16, 16, generator=g)
+    sample = torch.randn(batch, 4, 8, 8, generator=g)
     text = torch.randn(batch, 7, 64, generator=g)
     added = {
         "text_embeds": torch.randn(batch, 32, generator=g),
