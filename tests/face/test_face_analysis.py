@@ -181,3 +181,20 @@ def test_face_analysis_without_recognizer_is_refused(antelope_root: Path, group_
     app.prepare(ctx_id=0, det_size=(640, 640))
     with pytest.raises(ValueError, match="returned no embedding"):
         analyze_face(app, paste_face_tag(group_photo, FACE_CENTRE, 80))
+
+
+def test_retry_changes_the_size_where_the_attribute_alone_does_not(
+    face_app: Any, group_photo: np.ndarray
+) -> None:
+    """The stock pack retries by assigning ``det_model.input_size``; insightface 2.x detects at
+    ``det_model.input_sizes`` instead, so that assignment alone never finds a large face there."""
+    if not hasattr(face_app.det_model, "input_sizes"):
+        pytest.skip("insightface < 2: input_size is the detection size")
+    image = paste_face_tag(group_photo, FACE_CENTRE, 240)
+    bgr = np.ascontiguousarray(image[..., ::-1])
+    try:
+        face_app.det_model.input_size = (320, 320)
+        assert face_app.get(bgr) == []
+    finally:
+        face_app.det_model.input_size = (640, 640)
+    assert analyze_face(face_app, image).det_size == 320
