@@ -144,10 +144,11 @@ def load_face_analysis(root: str | Path, provider: str = "CPU", det_size: int = 
         )
     providers = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
     try:
-        # An existing folder given as `name` is used as is: insightface's downloader is never reached.
+        # An existing folder given as `name` is used as is (insightface 0.7 joins it to `root`, which an
+        # absolute path overrides): insightface's downloader is never reached.
         app = FaceAnalysis(
             name=str(folder.resolve()),
-            root=str(folder.parent.parent.resolve()),
+            root=str(folder.parent.resolve()),
             allowed_modules=["detection", "recognition"],
             providers=providers,
         )
@@ -155,6 +156,11 @@ def load_face_analysis(root: str | Path, provider: str = "CPU", det_size: int = 
         raise RuntimeError(
             f"no SCRFD face detector found among the .onnx files in {folder}: expected {DETECTOR_FILE} "
             "(a model with 9 outputs: scores, boxes and keypoints at strides 8, 16, 32)"
+        ) from error
+    except Exception as error:  # onnxruntime's errors derive from Exception only
+        raise RuntimeError(
+            f"could not load the insightface models in {folder}: {error}. A truncated download? "
+            "`instantid doctor` checks each file."
         ) from error
     if not app.det_model.use_kps:
         raise RuntimeError(

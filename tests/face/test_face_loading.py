@@ -116,3 +116,14 @@ def test_unavailable_provider_is_refused(antelope_root: Path) -> None:
 def test_cuda_provider_runs_the_models(tmp_path: Path) -> None:
     app = load_face_analysis(build_antelopev2_like(tmp_path), provider="CUDA")
     assert app.det_model.session.get_providers()[0] == "CUDAExecutionProvider"
+
+
+def test_truncated_model_is_reported_with_its_folder(antelope_root: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "models" / "antelopev2"
+    shutil.copytree(antelope_root / "models" / "antelopev2", folder)
+    whole = (folder / RECOGNIZER_FILE).read_bytes()
+    (folder / RECOGNIZER_FILE).write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(
+        RuntimeError, match=f"could not load the insightface models in {folder}: .*{RECOGNIZER_FILE}"
+    ):
+        load_face_analysis(tmp_path)
