@@ -32,6 +32,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import math
 import os
@@ -82,34 +84,78 @@ def comfyui_root() -> Path:
 
 
 class _AbsentModule(types.ModuleType):
-    """Placeholder for a module that is not installed; any attribute use raises a clear error."""
+    """Placeholder for a module that is not installed: importing it and its submodules works, using it raises.
+
+    Attribute access gives a placeholder for the submodule of that name (so that ``from torchvision
+    import transforms`` at module level imports); calling such a placeholder raises ``ModuleNotFoundError``
+    naming what was used.
+    """
 
     def __getattr__(self, attr: str) -> Any:
         if attr.startswith("__") and attr.endswith("__"):
             raise AttributeError(attr)
+        return _AbsentModule(f"{self.__name__}.{attr}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise ModuleNotFoundError(
-            f"{self.__name__} is not installed; the ComfyUI test harness (tests/comfy/comfyui.py) "
-            f"registered a placeholder for it so that ComfyUI imports, and `{self.__name__}.{attr}` "
-            "was used. Only Stable Cascade models need it."
+            f"{self.__name__.split('.')[0]} is not installed; the ComfyUI test harness "
+            "(tests/comfy/comfyui.py) put a placeholder for it in place so that ComfyUI imports, "
+            f"and `{self.__name__}` was called."
         )
 
 
+class _AbsentModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves :class:`_AbsentModule` for the named top-level packages and their submodules."""
+
+    def __init__(self, packages: frozenset[str]) -> None:
+        self.packages = packages
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname.split(".")[0] not in self.packages:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        module = _AbsentModule(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        return None
+
+
 @contextlib.contextmanager
-def _placeholder_if_missing(name: str) -> Iterator[None]:
-    """Register ``_AbsentModule(name)`` in ``sys.modules`` for the block if ``import name`` would fail."""
-    if name in sys.modules or importlib.util.find_spec(name) is not None:
-        yield
+def _placeholders_for_missing(packages: tuple[str, ...]) -> Iterator[frozenset[str]]:
+    """Within the block, ``import`` of any of ``packages`` that is not installed gives placeholders.
+
+    Afterwards the finder and every placeholder in ``sys.modules`` are removed again (modules that
+    imported one keep their reference). Yields the packages that got placeholders.
+    """
+    absent = frozenset(name for name in packages if importlib.util.find_spec(name) is None)
+    if not absent:
+        yield absent
         return
-    sys.modules[name] = _AbsentModule(name)
+    finder = _AbsentModuleFinder(absent)
+    sys.meta_path.append(finder)
     try:
-        yield
+        yield absent
     finally:
-        if isinstance(sys.modules.get(name), _AbsentModule):
+        sys.meta_path.remove(finder)
+        for name in [n for n, m in sys.modules.items() if isinstance(m, _AbsentModule)]:
             del sys.modules[name]
 
 
-_TORCHVISION_IMPORTERS = ("comfy.ldm.cascade.controlnet", "comfy.ldm.cascade.stage_c_coder")
-"""ComfyUI modules that run ``import torchvision`` at import time (Stable Cascade only)."""
+_UNINSTALLABLE = ("torchvision", "torchaudio")
+"""Packages that ComfyUI imports at import time but that cannot be installed beside the pinned CPU torch.
+
+March 2024 ComfyUI imports torchvision only in Stable Cascade's modules; current ComfyUI also in
+Cosmos, ACE (torchvision) and LTXV-audio (torchaudio) modules that ``comfy.model_base`` imports.
+None of them is built by this project's tests.
+"""
+
+# Libraries that probe whether torchvision is installed when they are first imported; they are
+# imported before the placeholders go in, so they see the truth.
+_PROBING_LIBRARIES = ("transformers",)
 
 
 @dataclass(frozen=True)
@@ -157,34 +203,30 @@ def load_comfyui() -> ComfyUI:
     def imp(name: str) -> types.ModuleType:
         return importlib.import_module(name)
 
-    # The modules that `import torchvision` are imported first, alone under the placeholder, after
-    # their ComfyUI dependencies; libraries that probe for torchvision (transformers) never see it.
-    imp("comfy.model_management")
-    imp("comfy.ldm.modules.attention")
-    with _placeholder_if_missing("torchvision"):
-        for name in _TORCHVISION_IMPORTERS:
-            if importlib.util.find_spec(name) is not None:
-                imp(name)
-    return ComfyUI(
-        root=root,
-        options=options,
-        cli_args=cli_args,
-        model_management=imp("comfy.model_management"),
-        model_patcher=imp("comfy.model_patcher"),
-        model_base=imp("comfy.model_base"),
-        supported_models=imp("comfy.supported_models"),
-        controlnet=imp("comfy.controlnet"),
-        cldm=imp("comfy.cldm.cldm"),
-        sample=imp("comfy.sample"),
-        samplers=imp("comfy.samplers"),
-        sd=imp("comfy.sd"),
-        lora=imp("comfy.lora"),
-        utils=imp("comfy.utils"),
-        attention=imp("comfy.ldm.modules.attention"),
-        folder_paths=imp("folder_paths"),
-        nodes=imp("nodes"),
-        nodes_model_advanced=imp("comfy_extras.nodes_model_advanced"),
-    )
+    for library in _PROBING_LIBRARIES:
+        if importlib.util.find_spec(library) is not None:
+            imp(library)
+    with _placeholders_for_missing(_UNINSTALLABLE):
+        return ComfyUI(
+            root=root,
+            options=options,
+            cli_args=cli_args,
+            model_management=imp("comfy.model_management"),
+            model_patcher=imp("comfy.model_patcher"),
+            model_base=imp("comfy.model_base"),
+            supported_models=imp("comfy.supported_models"),
+            controlnet=imp("comfy.controlnet"),
+            cldm=imp("comfy.cldm.cldm"),
+            sample=imp("comfy.sample"),
+            samplers=imp("comfy.samplers"),
+            sd=imp("comfy.sd"),
+            lora=imp("comfy.lora"),
+            utils=imp("comfy.utils"),
+            attention=imp("comfy.ldm.modules.attention"),
+            folder_paths=imp("folder_paths"),
+            nodes=imp("nodes"),
+            nodes_model_advanced=imp("comfy_extras.nodes_model_advanced"),
+        )
 
 
 # --- tiny models ---------------------------------------------------------------------------------

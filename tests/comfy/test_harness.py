@@ -29,7 +29,7 @@ def cross_attention_blocks(patcher: Any) -> Counter[tuple[str, int]]:
 def test_comfyui_runs_on_cpu_from_the_expected_folder(comfy: comfyui.ComfyUI) -> None:
     assert comfy.root == comfyui.comfyui_root()
     assert comfy.model_management.get_torch_device() == torch.device("cpu")
-    assert isinstance(sys.modules.get("torchvision"), type(None)), "the torchvision placeholder must not stay registered"
+    assert "torchvision" not in sys.modules, "the torchvision placeholder must not stay registered"
 
 
 def test_a_wrong_comfyui_path_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
@@ -38,10 +38,18 @@ def test_a_wrong_comfyui_path_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_pa
         comfyui.comfyui_root()
 
 
-def test_torchvision_placeholder_names_what_was_used() -> None:
-    placeholder = comfyui._AbsentModule("torchvision")
-    with pytest.raises(ModuleNotFoundError, match=r"torchvision is not installed.*`torchvision.models` was used"):
-        _ = placeholder.models
+def test_torchvision_placeholder_imports_and_fails_when_used() -> None:
+    with comfyui._placeholders_for_missing(("torchvision", "torch")) as absent:
+        assert absent == {"torchvision"}  # torch is installed: no placeholder for it
+        import torchvision.transforms.functional as tf  # type: ignore[import-not-found]
+        from torchvision import transforms  # type: ignore[import-not-found]
+
+        with pytest.raises(ModuleNotFoundError, match=r"torchvision is not installed.*`torchvision.transforms.Normalize` was called"):
+            transforms.Normalize(0.5, 0.5)
+        assert tf.__name__ == "torchvision.transforms.functional"
+    assert "torchvision" not in sys.modules and "torchvision.transforms" not in sys.modules
+    with pytest.raises(ModuleNotFoundError):
+        import torchvision  # noqa: F401
 
 
 def test_sd15_layout_is_the_real_one(comfy: comfyui.ComfyUI, tiny_sd15_patcher: Callable[..., Any]) -> None:
