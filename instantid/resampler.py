@@ -70,7 +70,9 @@ class Resampler(nn.Module):
         super().__init__()
         self.embedding_dim = embedding_dim
         self.output_dim = output_dim
-        self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim**0.5)
+        self.latents = nn.Parameter(torch.empty(1, num_queries, dim))
+        if not self.latents.is_meta:  # drawing on the meta device would import torch's Python decompositions
+            nn.init.normal_(self.latents, std=dim**-0.5)
         self.proj_in = nn.Linear(embedding_dim, dim)
         self.proj_out = nn.Linear(dim, output_dim)
         self.norm_out = nn.LayerNorm(output_dim)
