@@ -93,41 +93,44 @@ def _const(name: str, value: np.ndarray) -> onnx.NodeProto:
     )
 
 
+def _window_mean(
+    feature: str, out: str, *, side: int, stride: int, before: int, after: int
+) -> list[onnx.NodeProto]:
+    """Mean of ``feature`` over a ``side x side`` window every ``stride`` pixels, zero padding counted (so
+    the output grid is ``H / stride x W / stride`` with window ``i`` covering ``[i * stride - before,
+    i * stride - before + side)``): rows then columns, ``2 * side`` additions per output, not ``side^2``."""
+    return [
+        helper.make_node(
+            "AveragePool",
+            [feature],
+            [f"{out}_rows"],
+            name=f"{out}_rows",
+            kernel_shape=[side, 1],
+            strides=[stride, 1],
+            pads=[before, 0, after, 0],
+            count_include_pad=1,
+        ),
+        helper.make_node(
+            "AveragePool",
+            [f"{out}_rows"],
+            [out],
+            name=out,
+            kernel_shape=[1, side],
+            strides=[1, stride],
+            pads=[0, before, 0, after],
+            count_include_pad=1,
+        ),
+    ]
+
+
 def _detector_level(stride: int, feature: str) -> tuple[list[onnx.NodeProto], tuple[str, str, str]]:
     """Nodes computing one stride's score, box and keypoint outputs from the tag map ``feature``."""
     s = stride
     p = f"s{s}"
     nodes = [
-        helper.make_node(
-            "AveragePool",
-            [feature],
-            [f"{p}_centre"],
-            name=f"{p}_centre_pool",
-            count_include_pad=1,
-            kernel_shape=[s, s],
-            strides=[s, s],
-            pads=[s // 2, s // 2, 0, 0],
-        ),
-        helper.make_node(
-            "AveragePool",
-            [feature],
-            [f"{p}_surround"],
-            name=f"{p}_surround_pool",
-            count_include_pad=1,
-            kernel_shape=[3 * s, 3 * s],
-            strides=[s, s],
-            pads=[3 * s // 2, 3 * s // 2, s, s],
-        ),
-        helper.make_node(
-            "AveragePool",
-            [feature],
-            [f"{p}_outer"],
-            name=f"{p}_outer_pool",
-            count_include_pad=1,
-            kernel_shape=[5 * s, 5 * s],
-            strides=[s, s],
-            pads=[5 * s // 2, 5 * s // 2, 2 * s, 2 * s],
-        ),
+        *_window_mean(feature, f"{p}_centre", side=s, stride=s, before=s // 2, after=0),
+        *_window_mean(feature, f"{p}_surround", side=3 * s, stride=s, before=3 * s // 2, after=s),
+        *_window_mean(feature, f"{p}_outer", side=5 * s, stride=s, before=5 * s // 2, after=2 * s),
         # Tag area between the 3s and the 5s window, in units of s^2: a tag reaching out of the
         # surround window is not centred here (or too big for this stride), so its score drops.
         helper.make_node("Mul", [f"{p}_outer", "outer_cells"], [f"{p}_outer_area"], name=f"{p}_outer_area"),
