@@ -183,7 +183,7 @@ class ComfyUI:
 
     @property
     def ModelPatcher(self) -> type:
-        return self.model_patcher.ModelPatcher  # type: ignore[no-any-return]
+        return self.model_patcher.ModelPatcher
 
 
 @functools.cache
@@ -383,7 +383,7 @@ TEST_LATENT_SIZE = 8
 def empty_latent(comfy: ComfyUI, size: int = TEST_LATENT_SIZE, batch: int = 1) -> dict[str, torch.Tensor]:
     """A LATENT of ``size`` x ``size`` latent pixels from the stock EmptyLatentImage node."""
     (latent,) = run_node(comfy.nodes.EmptyLatentImage, width=8 * size, height=8 * size, batch_size=batch)
-    return latent  # type: ignore[no-any-return]
+    return latent
 
 
 def ksample(
@@ -414,7 +414,7 @@ def ksample(
         latent_image=dict(latent),
         denoise=denoise,
     )
-    return out["samples"]  # type: ignore[no-any-return]
+    return out["samples"]
 
 
 def write_unet_lora(comfy: ComfyUI, patcher: Any, path: Path, *, rank: int = 2, seed: int = 3) -> Path:
