@@ -207,3 +207,39 @@ def test_console_script_entry_point(tmp_path: Path) -> None:
         check=False,
     )
     assert run.returncode == 1 and "4 missing, 0 wrong" in run.stdout
+
+
+@pytest.mark.parametrize(
+    ("keys", "status", "detail"),
+    [
+        (
+            {
+                "control_model.input_hint_block.0.weight": (4, 3, 3, 3),
+                "control_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (4, 2048),
+            },
+            Status.OK,
+            "an SDXL ControlNet (ComfyUI/ldm layout)",
+        ),
+        (
+            {"model.diffusion_model.input_blocks.0.0.weight": (4, 4, 3, 3)},
+            Status.WRONG,
+            "a UNet / Stable Diffusion checkpoint, not a ControlNet; expected IdentityNet",
+        ),
+        (
+            {
+                "controlnet_cond_embedding.conv_in.weight": (4, 3, 3, 3),
+                "controlnet_mid_block.weight": (4, 4, 1, 1),
+            },
+            Status.WRONG,
+            "a diffusers ControlNet without cross-attention layers",
+        ),
+    ],
+)
+def test_controlnet_headers(
+    tmp_path: Path, keys: dict[str, tuple[int, ...]], status: Status, detail: str
+) -> None:
+    path = tmp_path / "controlnet" / "instantid.safetensors"
+    path.parent.mkdir()
+    save_file({k: torch.zeros(shape, dtype=torch.float16) for k, shape in keys.items()}, str(path))
+    (finding,) = [f for f in diagnose(tmp_path) if f.component == CONTROLNET]
+    assert finding.status is status and detail in finding.detail
