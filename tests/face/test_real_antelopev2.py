@@ -25,8 +25,10 @@ def test_real_models_find_the_faces(group_photo: np.ndarray, portrait: np.ndarra
     assert np.all((largest.kps[:, 0] > x1) & (largest.kps[:, 0] < x2))
     assert np.all((largest.kps[:, 1] > y1) & (largest.kps[:, 1] < y2))
     # The same person twice is closer than two people.
-    tom = analyze_face(app, portrait)
-    tom_again = analyze_face(app, np.ascontiguousarray(portrait[:, ::-1]))  # mirrored
+    # The 112x112 aligned crop, framed by a grey border so the face does not fill the whole image.
+    framed = np.pad(portrait, ((112, 112), (112, 112), (0, 0)), constant_values=127)
+    tom = analyze_face(app, framed)
+    tom_again = analyze_face(app, np.ascontiguousarray(framed[:, ::-1]))  # mirrored
     cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
     assert cos(tom.embedding, tom_again.embedding) > cos(tom.embedding, largest.embedding)
     assert face_embeddings([tom, tom_again]).shape == (1, 512)
