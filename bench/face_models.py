@@ -17,8 +17,10 @@ decides where faces are and how big they are:
   mean tag value over the ``s x s`` window centred on the anchor, ``S`` the mean over the ``3s x 3s``
   window (a centre-surround filter) and ``spill = 25 O - 9 S`` the tag area (in units of ``s^2``)
   between the ``3s`` and the ``5s`` window (``O``: mean over ``5s x 5s``), which silences anchors near
-  a tag but not at its centre and strides too fine for it. A tag of side ``t`` (in detector pixels) centred on an anchor
-  scores ``C - S = 0.889 (t/s)^2`` for ``t <= s`` and ``1 - (t / 3s)^2`` for ``s <= t <= 3s``, so it is
+  a tag but not at its centre and strides too fine for it. A tag of side ``t`` (in detector pixels:
+  image pixels times the detection size over the image's longer side, as insightface letterboxes)
+  centred on an anchor (a multiple of ``s`` in detector pixels; elsewhere the box is off by up to
+  ``s / 2``) scores ``C - S = 0.889 (t/s)^2`` for ``t <= s`` and ``1 - (t / 3s)^2`` for ``s <= t <= 3s``, so it is
   detected (score >= 0.5, insightface's threshold) for ``0.75 s <= t <= 2.12 s``: strides 8, 16, 32
   cover tags of about 6 to 68 detector pixels. A larger tag is "too close to the camera": it is found
   only once the detection size is small enough to shrink it under 68 pixels, which is how a test makes
@@ -28,7 +30,7 @@ decides where faces are and how big they are:
   ArcFace-like template scaled to that box (eyes, nose, mouth corners, all inside the box).
 
 The recognizer (``glintr100.onnx``) has the ArcFace interface insightface routes on (input
-``1x3x112x112``, output ``[1, 512]``): an 14x14 average pool to 3x8x8 followed by a fixed random
+``1x3x112x112``, output ``[1, 512]``): a 14x14 average pool to 3x8x8 followed by a fixed random
 linear map (seeded), so the embedding depends on the aligned crop's content, its raw norm is in the
 tens like real antelopev2's, and a test can recompute it from the crop (``recognizer_weights``).
 """
@@ -68,11 +70,6 @@ RecognizerKind = Literal["random", "zeros", "nan"]
 def largest_detectable_tag(stride: int = STRIDES[-1]) -> float:
     """Side (detector pixels) above which a centred tag scores under 0.5 at ``stride``: C - S = 0.5."""
     return 3.0 * stride * float(np.sqrt(0.5))
-
-
-def smallest_detectable_tag(stride: int = STRIDES[0]) -> float:
-    """Side (detector pixels) under which a centred tag scores under 0.5 at ``stride``."""
-    return stride * float(np.sqrt(_SCORE_OFFSET / (1.0 - 1.0 / 9.0)))
 
 
 def paste_face_tag(image: np.ndarray, center: tuple[int, int], side: int) -> np.ndarray:

@@ -16,7 +16,14 @@ from insightface.model_zoo.scrfd import SCRFD
 from insightface.utils import face_align
 from onnx import numpy_helper
 
-from bench.face_models import DETECTOR_FILE, FACE_PER_TAG, RECOGNIZER_FILE, build_detector, paste_face_tag
+from bench.face_models import (
+    DETECTOR_FILE,
+    FACE_PER_TAG,
+    RECOGNIZER_FILE,
+    build_detector,
+    largest_detectable_tag,
+    paste_face_tag,
+)
 from instantid.face import (
     DETECTION_SIZES,
     FaceResult,
@@ -91,7 +98,10 @@ def test_takes_the_largest_face(face_app: Any, group_photo: np.ndarray) -> None:
 def test_large_face_found_at_a_smaller_detection_size(
     face_app: Any, group_photo: np.ndarray, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # A 240 px tag is 120 detector pixels at 640, too big for the detector (<= 68); at 320 it is 60.
+    # A 240 px tag on the 1280 px wide photo is 120 detector pixels at 640, too big for the detector;
+    # at 384 it is 72, still too big; at 320 it is 60.
+    limit = largest_detectable_tag()
+    assert 240 * 384 / 1280 > limit >= 240 * 320 / 1280
     image = paste_face_tag(group_photo, FACE_CENTRE, 240)
     with caplog.at_level(logging.INFO, logger="instantid.face"):
         result = analyze_face(face_app, image)
