@@ -10,12 +10,20 @@ model. Random weights, depending only on the seed.
 from __future__ import annotations
 
 import functools
+import importlib
+import types
+from pathlib import Path
 from typing import Any
 
+import cv2
+import insightface
+import numpy as np
 import torch
 
 from bench.adapter_files import RESAMPLER_SIZES
+from bench.face_models import build_antelopev2_like, paste_face_tag
 from instantid.comfy.blocks import cross_attention_sites, diffusion_model_of
+from instantid.face import load_face_analysis
 from instantid.resampler import Resampler
 from instantid.weights import InstantIDWeights
 from tests.comfy.comfyui import Arch, ComfyUI, tiny_model_patcher
@@ -62,3 +70,33 @@ def face_embedding(seed: int, batch: int = 1) -> torch.Tensor:
     """A ``[batch, 512]`` embedding with an insightface-like norm (~20)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 512, generator=generator)
+
+
+PHOTOS = Path(insightface.__file__).parent / "data" / "images"
+
+
+def face_image(left: int, top: int, size: int = 320, tag: int = 24) -> torch.Tensor:
+    """A ComfyUI IMAGE ``[1, size, size, 3]``: a crop of insightface's group photo ``t1.jpg`` at
+    ``(left, top)`` with a face tag (``bench.face_models``) in its centre, which the test detector finds."""
+    bgr = cv2.imread(str(PHOTOS / "t1.jpg"), cv2.IMREAD_COLOR)
+    rgb = np.ascontiguousarray(bgr[top : top + size, left : left + size, ::-1])
+    tagged = paste_face_tag(rgb, (size // 2, size // 2), tag)
+    return torch.from_numpy(tagged.astype(np.float32) / 255.0).unsqueeze(0)
+
+
+def faceless_image(size: int = 320) -> torch.Tensor:
+    """A ComfyUI IMAGE of a crop of ``t1.jpg`` without a tag: the test detector finds no face in it."""
+    bgr = cv2.imread(str(PHOTOS / "t1.jpg"), cv2.IMREAD_COLOR)
+    rgb = np.ascontiguousarray(bgr[:size, :size, ::-1])
+    return torch.from_numpy(rgb.astype(np.float32) / 255.0).unsqueeze(0)
+
+
+@functools.cache
+def small_face_analysis(root: Path) -> Any:
+    """insightface's FaceAnalysis on the small antelopev2-layout models written under ``root``."""
+    return load_face_analysis(build_antelopev2_like(root), provider="CPU")
+
+
+def pack_nodes(comfy: ComfyUI) -> types.ModuleType:
+    """``instantid.comfy.nodes``, imported once ComfyUI is (it imports ComfyUI's ``folder_paths``)."""
+    return importlib.import_module("instantid.comfy.nodes")
