@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from instantid.attention import precompute_kv
+from instantid.attention import LayerMasks, precompute_kv
 from instantid.comfy.blocks import (
     CrossAttentionSite,
     cross_attention_sites,
@@ -104,10 +104,9 @@ def apply_identity(
     sigma_start, sigma_end = sigma_range(model, start_at, end_at)
     device = model.load_device
     kv = precompute_kv(weights, cond_tokens, uncond_tokens, dtype=compute_dtype(model), device=device)
-    if mask is not None:
-        mask = mask.to(device)
+    layer_masks = None if mask is None else LayerMasks(mask.to(device))  # each grid resized once, for all layers
     work_model = model.clone()
     for site in sites:
-        term = IdentityTerm(kv[site.adapter_layer], weight, mask)
+        term = IdentityTerm(kv[site.adapter_layer], weight, layer_masks)
         add_identity_patch(work_model, site.key, term, sigma_start, sigma_end)
     return work_model

@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import Tensor
 
-from instantid.attention import IdentityKV, identity_attention, sigma_in_range
+from instantid.attention import IdentityKV, LayerMasks, identity_attention, sigma_in_range
 
 AttentionFn = Callable[..., Tensor]
 Term = Callable[..., Tensor]
@@ -49,13 +49,13 @@ class IdentityTerm:
     """``w * attention(q, K_ip, V_ip)`` for one face on one layer, masked; immutable, shared by copies.
 
     ``kv`` holds the layer's K/V for the conditional and unconditional face tokens; ``weight`` a
-    number (or what ``identity_attention`` accepts); ``mask`` ``None`` or a ``[H, W]`` / ``[B, H, W]``
-    mask in image space (resized to the layer's token grid on each call).
+    number (or what ``identity_attention`` accepts); ``mask`` ``None`` or a mask in image space
+    (``[H, W]`` / ``[B, H, W]``, or a ``LayerMasks`` holding one, which resizes it once per layer grid).
     """
 
     kv: IdentityKV
     weight: Any
-    mask: Tensor | None
+    mask: Tensor | LayerMasks | None
     __cow_shared__ = True
 
     def __deepcopy__(self, memo: dict[int, Any]) -> IdentityTerm:

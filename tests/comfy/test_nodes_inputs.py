@@ -134,7 +134,7 @@ def test_a_mask_of_another_size_is_accepted_and_passed_on(
     assert positive[0][1]["mask"].shape == (1, 37, 53) and "mask" not in negative[0][1]
     assert positive[0][1]["set_area_to_bounds"] is False
     patch = next(iter(attn2_patches(model.model_options).values()))
-    assert torch.equal(patch.identities[0].mask.cpu(), mask)
+    assert torch.equal(patch.identities[0].mask.mask.cpu(), mask)
     latent = comfyui.ksample(comfy, model, positive, negative, comfyui.empty_latent(comfy, 8), steps=1)
     assert torch.isfinite(latent).all()
 
