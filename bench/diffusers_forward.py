@@ -1,0 +1,152 @@
+"""Forward time of an InstantID UNet: copy-on-write clone vs the same processors installed in place.
+
+``python -m bench diffusers_forward [--model sd15|sdxl] [--latent 16] [--repeats 15] [--dtype fp32|fp16] [--device cpu|cuda]``
+
+One base UNet (random weights), one identity. The clone comes from ``apply_instantid(unet, ...)``;
+the in-place side is the base UNet inside ``instantid_hooks(unet, ...)`` (same adapter, same face,
+so the same keys and values). Both run the same classifier-free-guidance batch of 2; the runs
+alternate (clone, in place, clone, ...) so that drift in the machine's speed hits both alike. The
+plain base UNet (no identity) is timed as context. Target: the clone within 1% of in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from bench.shapes import UNET_CONFIGS, build_unet
+from instantid.layout import ARCHS, cross_attention_layers
+from instantid.weights import InstantIDWeights
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def random_layout_adapter(arch: str, seed: int = 0) -> InstantIDWeights:
+    """A random adapter in ``arch``'s published layout, cheap to build: the small Resampler of
+    ``bench.adapter_files`` and ``to_k_ip``/``to_v_ip`` as rank-1 expanded views (no full-size tensor)."""
+    from bench.adapter_files import RESAMPLER_SIZES
+    from instantid.resampler import Resampler
+
+    generator = torch.Generator().manual_seed(seed)
+    dim = ARCHS[arch]["cross_attention_dim"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        resampler = Resampler(**RESAMPLER_SIZES["small"], output_dim=dim)
+    layers = cross_attention_layers(arch)
+
+    def draw(hidden: int) -> torch.Tensor:
+        return (torch.randn(hidden, 1, generator=generator) * 0.02).expand(hidden, dim)
+
+    return InstantIDWeights(
+        image_proj={k: v.detach() for k, v in resampler.state_dict().items()},
+        to_k_ip=tuple(draw(layer.hidden_size) for layer in layers),
+        to_v_ip=tuple(draw(layer.hidden_size) for layer in layers),
+        arch=arch,
+        cross_attention_dim=dim,
+        hidden_sizes=tuple(layer.hidden_size for layer in layers),
+    )
+
+
+def unet_inputs(
+    unet: Any, latent: int, device: str, dtype: torch.dtype
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A CFG batch of 2 for ``unet`` at ``latent`` x ``latent``, with SDXL's added conditioning when it has one."""
+    generator = torch.Generator().manual_seed(0)
+    config = unet.config
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+    args = (
+        rand(2, config.in_channels, latent, latent),
+        torch.tensor(500.0, device=device),
+        rand(2, 77, config.cross_attention_dim),
+    )
+    kwargs: dict[str, Any] = {}
+    if config.addition_embed_type == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": rand(2, pooled), "time_ids": rand(2, 6)}
+    return args, kwargs
+
+
+def timed(fn: Callable[[], Any], device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench diffusers_forward", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--model", choices=sorted(UNET_CONFIGS), default="sd15")
+    parser.add_argument("--latent", type=int, default=16, help="latent side (pixels / 8); default 16")
+    parser.add_argument("--repeats", type=int, default=15, help="timed forwards per side (after 2 warm-ups)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    from instantid.diffusers import apply_instantid, instantid_hooks
+
+    torch.set_grad_enabled(False)
+    torch.set_flush_denormal(
+        True
+    )  # random weights give denormal activations, which slow CPUs down several-fold
+    dtype = DTYPES[args.dtype]
+    unet = build_unet(args.model, dtype, init="random").to(args.device)
+    adapter = random_layout_adapter(args.model)
+    face = torch.randn(1, 512, generator=torch.Generator().manual_seed(1)) * 20
+    inputs, kwargs = unet_inputs(unet, args.latent, args.device, dtype)
+    clone = apply_instantid(unet, adapter, face, weight=0.8)
+
+    def forward(model: Any) -> Callable[[], Any]:
+        return lambda: model(*inputs, **kwargs).sample
+
+    times: dict[str, list[float]] = {
+        "plain base UNet (no identity)": [],
+        "clone (apply_instantid)": [],
+        "in place (instantid_hooks)": [],
+    }
+    for _ in range(2):
+        timed(forward(unet), args.device)
+        timed(forward(clone), args.device)
+    for _ in range(args.repeats):
+        times["plain base UNet (no identity)"].append(timed(forward(unet), args.device))
+    with instantid_hooks(unet, adapter, face, weight=0.8):
+        for _ in range(2):
+            timed(forward(unet), args.device)
+        cow_out, in_place_out = forward(clone)(), forward(unet)()
+        for _ in range(args.repeats):
+            times["clone (apply_instantid)"].append(timed(forward(clone), args.device))
+            times["in place (instantid_hooks)"].append(timed(forward(unet), args.device))
+
+    print(
+        f"{args.model} UNet, {args.dtype}, {args.device}, batch 2 (CFG) at {args.latent}x{args.latent} latent, "
+        f"{len(adapter.to_k_ip)} identity layers; median of {args.repeats} (alternating)"
+    )
+    header = f"{'forward':<34}{'median':>12}{'min':>12}{'vs in place':>14}"
+    print(header)
+    print("-" * len(header))
+    reference = statistics.median(times["in place (instantid_hooks)"])
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(
+            f"{name:<34}{median * 1e3:>9.1f} ms{min(values) * 1e3:>9.1f} ms{(median / reference - 1) * 100:>+13.2f}%"
+        )
+    same = torch.equal(cow_out, in_place_out)
+    pairs = zip(times["clone (apply_instantid)"], times["in place (instantid_hooks)"], strict=True)
+    paired = statistics.median(clone_time / in_place_time for clone_time, in_place_time in pairs) - 1
+    print(
+        f"outputs equal: {same}; clone vs in place: {paired * 100:+.2f}% (median of the {args.repeats} "
+        "back-to-back pairs' ratios; target: within 1%)"
+    )
+    return 0 if same else 1
