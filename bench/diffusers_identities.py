@@ -139,7 +139,7 @@ def main(argv: list[str]) -> int:
             f"{budget / MiB:>20.1f} MiB{row['seconds'] * 1e3:>11.0f} ms  "
             f"{'within' if row['rss'] <= budget else 'OVER'} budget"
         )
-        room = available_bytes() > (count * 1.3 + 1) * unet_bytes
+        room = available_bytes() > count * unet_bytes * 1.1 + 2 * 1024 * MiB
         if count <= args.max_deep and room:
             deep_row, note = measure(deep, count, unet), "measured"
             per_deep = {key: value if key == "seconds" else value / count for key, value in deep_row.items()}

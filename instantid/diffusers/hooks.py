@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from cow_model import LazyClonedModel
 from cow_model.diffusers import attention_paths
 from instantid.diffusers.identity import FaceInput, prepare_identity
-from instantid.diffusers.pipeline import FaceTokensControlNet
+from instantid.diffusers.pipeline import FaceTokensControlNet, plain_controlnet
 from instantid.diffusers.processor import IdentityAttnProcessor, fixed_layout, pipeline_layout
 from instantid.face import CombineMode
 from instantid.weights import InstantIDWeights
@@ -150,7 +150,7 @@ def instantid_hooks(
                 restores.callback(time_proj.register_forward_pre_hook(identity.gate.record).remove)
             if is_pipeline and identitynet and getattr(pipe_or_unet, "controlnet", None) is not None:
                 proxy = FaceTokensControlNet(
-                    pipe_or_unet.controlnet,
+                    plain_controlnet(pipe_or_unet.controlnet),
                     identity.cond_tokens,
                     identity.uncond_tokens,
                     pipeline_layout(pipe_or_unet),

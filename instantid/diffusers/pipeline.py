@@ -85,6 +85,13 @@ class FaceTokensControlNet(wrapt.CallableObjectProxy):
         return self.__wrapped__(*args, **kwargs)
 
 
+def plain_controlnet(controlnet: Any) -> Any:
+    """``controlnet`` without a face-token proxy (a view of a view hands the new identity's tokens to the real one)."""
+    while isinstance(controlnet, FaceTokensControlNet):
+        controlnet = controlnet.__wrapped__
+    return controlnet
+
+
 def _add_gate(time_proj: nn.Module, gate: TimestepGate) -> None:
     time_proj.register_forward_pre_hook(gate.record)
 
@@ -175,7 +182,10 @@ def apply_instantid(
         view.unet = identity_unet(pipe.unet, identity)
         if identitynet and getattr(pipe, "controlnet", None) is not None:
             view.controlnet = FaceTokensControlNet(
-                pipe.controlnet, identity.cond_tokens, identity.uncond_tokens, pipeline_layout(view)
+                plain_controlnet(pipe.controlnet),
+                identity.cond_tokens,
+                identity.uncond_tokens,
+                pipeline_layout(view),
             )
         return view
     if isinstance(pipe_or_unet, nn.Module):

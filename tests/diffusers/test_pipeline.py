@@ -185,3 +185,15 @@ def test_a_face_image_goes_through_insightface(pipe, tiny_adapter, face_app):
                 assert torch.equal(processor.kv.v, other.unet.attn_processors[key].kv.v)
     image = generate(from_image, draw_kps(photo, result.kps))
     assert image.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3) and np.isfinite(image).all()
+
+
+def test_a_view_of_a_view_carries_only_the_new_identity(pipe, tiny_adapter):
+    first = apply_instantid(pipe, tiny_adapter, face(24))
+    second = apply_instantid(first, tiny_adapter, face(25))
+    direct = apply_instantid(pipe, tiny_adapter, face(25))
+    assert second.controlnet.__wrapped__ is pipe.controlnet
+    assert torch.equal(second.controlnet._self_tokens[0], direct.controlnet._self_tokens[0])
+    for key, processor in direct.unet.attn_processors.items():
+        if ".attn2." in key:
+            assert torch.equal(second.unet.attn_processors[key].kv.k, processor.kv.k)
+    assert first.unet.attn_processors[key] is not second.unet.attn_processors[key]
