@@ -417,6 +417,17 @@ def ksample(
     return out["samples"]
 
 
+def release_models(comfy: ComfyUI) -> None:
+    """Unload every model ComfyUI holds as loaded and drop those nothing else references.
+
+    ComfyUI keeps each sampled model in ``model_management.current_loaded_models`` (with its weight
+    patches applied) until memory runs short; its server cleans up between prompts. Tests call
+    this between graphs so that models built by earlier tests do not pile up.
+    """
+    comfy.model_management.unload_all_models()
+    comfy.model_management.cleanup_models()
+
+
 def write_unet_lora(comfy: ComfyUI, patcher: Any, path: Path, *, rank: int = 2, seed: int = 3) -> Path:
     """Write a LoRA file in the kohya ``lora_unet_*`` format for every cross-attention ``to_k``/``to_v``.
 

@@ -10,12 +10,13 @@ Fixtures (stable names, used by the node-pack tests too):
   temporary folder registered with ComfyUI's ``loras`` paths, returns the ``lora_name`` for
   ``LoraLoaderModelOnly``.
 
-Plain helpers (import from ``tests.comfy.comfyui``): ``conditioning``, ``empty_latent``, ``ksample``, ``run_node``.
+Plain helpers (import from ``tests.comfy.comfyui``): ``conditioning``, ``empty_latent``, ``ksample``, ``run_node``,
+``tiny_model_patcher``, ``release_models``. After every test, the models ComfyUI holds as loaded are released.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,14 @@ from tests.comfy import comfyui
 @pytest.fixture(scope="session")
 def comfy() -> comfyui.ComfyUI:
     return comfyui.load_comfyui()
+
+
+@pytest.fixture(autouse=True)
+def _release_comfy_models() -> Iterator[None]:
+    """After each test, let ComfyUI unload the models it sampled (only if a test imported ComfyUI)."""
+    yield
+    if comfyui.load_comfyui.cache_info().currsize:
+        comfyui.release_models(comfyui.load_comfyui())
 
 
 @pytest.fixture

@@ -118,3 +118,12 @@ def test_stock_lora_loader_reads_the_written_file(comfy: comfyui.ComfyUI, lora_f
     patched = comfyui.ksample(comfy, with_lora, positive, negative, latent)
     assert not torch.allclose(plain, patched)
     assert torch.equal(comfyui.ksample(comfy, patcher, positive, negative, latent), plain), "LoRA leaked into the base"
+
+
+def test_release_models_unloads_what_sampling_loaded(comfy: comfyui.ComfyUI) -> None:
+    patcher = comfyui.tiny_sd15_patcher(comfy)
+    positive, negative = comfyui.conditioning("sd15", seed=1), comfyui.conditioning("sd15", seed=2)
+    comfyui.ksample(comfy, patcher, positive, negative, comfyui.empty_latent(comfy))
+    assert any(loaded.model is patcher for loaded in comfy.model_management.current_loaded_models)
+    comfyui.release_models(comfy)
+    assert not any(loaded.model is patcher for loaded in comfy.model_management.current_loaded_models)
