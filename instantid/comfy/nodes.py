@@ -9,7 +9,9 @@ the middle block's included (ComfyUI_InstantID's ApplyInstantID keys those ``("m
 which ComfyUI never calls).
 
 Importing this module registers the ``instantid`` models folder with ComfyUI's ``folder_paths``
-(``models/instantid``, keeping paths already configured for it, e.g. by extra_model_paths.yaml).
+(``models/instantid``, keeping paths already configured for it, e.g. by extra_model_paths.yaml),
+and installs ``cow_model.comfy``'s copy-on-write ``ModelPatcher.clone`` for every node when the
+environment variable ``COW_MODEL_COMFY_CLONE`` asks for it (off by default).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import folder_paths
 import torch
 from torch import Tensor
 
+from cow_model.comfy import install_from_env
 from instantid.attention import face_tokens
 from instantid.comfy.apply import apply_identity
 from instantid.comfy.conditioning import Conditioning, apply_face_controlnet, check_mask
@@ -48,6 +51,7 @@ def register_models_folder() -> None:
 
 
 register_models_folder()
+install_from_env()
 
 
 def _float(default: float, low: float, high: float, step: float) -> tuple[str, dict[str, float]]:

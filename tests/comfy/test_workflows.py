@@ -10,11 +10,13 @@ choices), and its links must meet inputs and outputs of the types the workflow r
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cow_model.comfy import ENV_VAR
 from tests.comfy import comfyui
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -91,6 +93,9 @@ def test_the_repository_loads_as_a_custom_node(comfy: comfyui.ComfyUI, pack: dic
         assert node_class.CATEGORY == "InstantID"  # type: ignore[attr-defined]
         assert callable(getattr(node_class, node_class.FUNCTION))  # type: ignore[attr-defined]
     assert comfy.folder_paths.get_folder_paths("instantid"), "models/instantid is not registered"
+    if os.environ.get(ENV_VAR, "").strip().lower() in ("", "0", "false", "no", "off"):
+        # the switch is off: loading the pack leaves ComfyUI's own clone() in place
+        assert not hasattr(comfy.ModelPatcher.clone, "__cow_stock_clone__")
 
 
 @pytest.mark.parametrize("workflow_file", WORKFLOW_FILES)
