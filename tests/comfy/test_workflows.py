@@ -9,6 +9,8 @@ choices), and its links must meet inputs and outputs of the types the workflow r
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import os
 from pathlib import Path
@@ -42,7 +44,10 @@ def pack(comfy: comfyui.ComfyUI, tmp_path_factory: pytest.TempPathFactory) -> di
     custom_nodes = tmp_path_factory.mktemp("custom_nodes")
     clone = custom_nodes / "comfyui-instantid-cow"
     clone.symlink_to(REPO_ROOT, target_is_directory=True)
-    assert comfy.nodes.load_custom_node(str(clone)), "ComfyUI could not load the repository as a custom node"
+    loaded = comfy.nodes.load_custom_node(str(clone))
+    if inspect.isawaitable(loaded):  # ComfyUI since 2025 loads custom nodes asynchronously
+        loaded = asyncio.run(loaded)
+    assert loaded is True, "ComfyUI could not load the repository as a custom node (see the logged traceback)"
     return {name: comfy.nodes.NODE_CLASS_MAPPINGS[name] for name in SEVEN}
 
 
