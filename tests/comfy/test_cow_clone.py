@@ -336,3 +336,17 @@ def test_importing_cow_model_comfy_imports_no_comfyui() -> None:
     code = "import sys, cow_model.comfy; print(sorted(m for m in sys.modules if m.split('.')[0] == 'comfy'))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert result.stdout.strip() == "[]"
+
+
+def test_clone_callbacks_see_the_options_the_clone_keeps(comfy: comfyui.ComfyUI, patched: Any) -> None:
+    """ComfyUI since late 2024 runs ON_CLONE callbacks at the end of clone(); they must see the cow copy."""
+    if not hasattr(patched, "add_callback"):
+        pytest.skip(f"this ComfyUI ({comfy.root}) has no ModelPatcher callbacks")
+    from comfy.patcher_extension import CallbacksMP  # type: ignore[import-not-found]
+
+    seen: list[Any] = []
+    patched.add_callback(CallbacksMP.ON_CLONE, lambda old, new: seen.append((old, new.model_options)))
+    cow = cow_comfy.cow_clone(patched)
+    assert seen == [(patched, cow.model_options)]
+    assert cow.callbacks == patched.callbacks and cow.callbacks is not patched.callbacks
+    assert attn2_replace(cow)[("input", 1, 0)].weight is attn2_replace(patched)[("input", 1, 0)].weight
