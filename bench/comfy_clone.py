@@ -79,7 +79,9 @@ class WeightsInPatch:
     it holds, the module included.
     """
 
-    def __init__(self, module: InstantIDModule, layer: int, cond: Tensor, uncond: Tensor, weight: float) -> None:
+    def __init__(
+        self, module: InstantIDModule, layer: int, cond: Tensor, uncond: Tensor, weight: float
+    ) -> None:
         self.instantid = [module]
         self.conds = [cond]
         self.unconds = [uncond]
@@ -93,7 +95,9 @@ class WeightsInPatch:
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, extra_options: dict[str, Any]) -> Tensor:
         heads = extra_options["n_heads"]
         out = default_attention(q, k, v, heads)
-        for module, cond, uncond, weight in zip(self.instantid, self.conds, self.unconds, self.weights, strict=True):
+        for module, cond, uncond, weight in zip(
+            self.instantid, self.conds, self.unconds, self.weights, strict=True
+        ):
             tokens = torch.cat([(cond, uncond)[i] for i in extra_options["cond_or_uncond"]]).to(q.dtype)
             tokens = tokens.repeat_interleave(q.shape[0] // tokens.shape[0], dim=0)
             ip_k, ip_v = module.to_kvs[self.k_key](tokens), module.to_kvs[self.v_key](tokens)
@@ -170,23 +174,31 @@ def stock_pack_model(base: Any, weights: InstantIDWeights, cond: Tensor, uncond:
     module = InstantIDModule(weights)
     model = base.clone()
     for site in cross_attention_sites(diffusion_model_of(model)):
-        model.set_model_attn2_replace(WeightsInPatch(module, site.adapter_layer, cond, uncond, 0.8), *site.key)
+        model.set_model_attn2_replace(
+            WeightsInPatch(module, site.adapter_layer, cond, uncond, 0.8), *site.key
+        )
     return model
 
 
-def this_pack_model(base: Any, weights: InstantIDWeights, cond: Tensor, uncond: Tensor, dtype: torch.dtype) -> Any:
+def this_pack_model(
+    base: Any, weights: InstantIDWeights, cond: Tensor, uncond: Tensor, dtype: torch.dtype
+) -> Any:
     """A clone of ``base`` with this pack's patches: precomputed K/V (SDXL widths) in ``IdentityTerm``\\s."""
     kv = precompute_kv(weights, cond, uncond, dtype=dtype, device="cpu")
     model = base.clone()
     for site in cross_attention_sites(diffusion_model_of(model)):
-        add_identity_patch(model, site.key, IdentityTerm(kv[site.adapter_layer], 0.8, None), float("inf"), 0.0)
+        add_identity_patch(
+            model, site.key, IdentityTerm(kv[site.adapter_layer], 0.8, None), float("inf"), 0.0
+        )
     return model
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench comfy_clone", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed clones per row (default 5)")
-    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="adapter weights dtype")
+    parser.add_argument(
+        "--dtype", choices=["float32", "float16"], default="float32", help="adapter weights dtype"
+    )
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
 
@@ -211,7 +223,9 @@ def main(argv: list[str]) -> int:
 
     rows: list[tuple[str, dict[str, float]]] = []
     rows.append(("weights in patch, stock clone()", measure(stock_pack.clone, stock_pack, args.repeats)))
-    rows.append(("  (i) cow_clone()", measure(lambda: cow_comfy.cow_clone(stock_pack), stock_pack, args.repeats)))
+    rows.append(
+        ("  (i) cow_clone()", measure(lambda: cow_comfy.cow_clone(stock_pack), stock_pack, args.repeats))
+    )
     if not cow_comfy.install():
         raise RuntimeError("the global switch did not install on this ComfyUI; see the warning above")
     try:

@@ -24,6 +24,10 @@ with the patcher's ``model_options`` swapped for a stand-in whose ``__deepcopy__
 handled that way (its ``model_options`` is not a dict, its ``clone()`` does not deep-copy
 ``model_options``), the stock ``clone()`` result is returned and one warning per process is logged.
 
+While the stock ``clone()`` runs, the original patcher's ``model_options`` attribute holds the
+stand-in (a ``dict`` subclass with the same items); it is put back before ``cow_clone`` returns,
+also when ``clone()`` raises. ComfyUI runs nodes on one thread, so no other node sees it.
+
 ComfyUI is imported lazily: importing this module needs no ComfyUI; :func:`install` without an
 explicit class imports ``comfy.model_patcher``.
 """
@@ -121,7 +125,9 @@ def _stock_clone_of(cls: type) -> Callable[..., Any]:
     """The ``clone`` function of ``cls``, unwrapped if :func:`install` replaced it."""
     method = getattr(cls, "clone", None)
     if not callable(method):
-        raise TypeError(f"cow_clone needs a ComfyUI ModelPatcher (an object with a clone() method); got {cls.__qualname__}")
+        raise TypeError(
+            f"cow_clone needs a ComfyUI ModelPatcher (an object with a clone() method); got {cls.__qualname__}"
+        )
     stock: Callable[..., Any] = getattr(method, _STOCK_ATTR, method)
     return stock
 
@@ -193,7 +199,11 @@ def install(model_patcher_class: type | None = None) -> bool:
 
     setattr(clone, _STOCK_ATTR, stock)
     setattr(cls, "clone", clone)  # noqa: B010 - a class attribute replaced at run time
-    log.info("cow_model.comfy: %s.%s.clone now copies model_options with cow_copy", cls.__module__, cls.__qualname__)
+    log.info(
+        "cow_model.comfy: %s.%s.clone now copies model_options with cow_copy",
+        cls.__module__,
+        cls.__qualname__,
+    )
     return True
 
 

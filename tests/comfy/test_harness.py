@@ -17,7 +17,11 @@ def cross_attention_blocks(patcher: Any) -> Counter[tuple[str, int]]:
     """How many transformer blocks with cross-attention sit in each (input|middle|output, index) block."""
     unet = patcher.model.diffusion_model
     counts: Counter[tuple[str, int]] = Counter()
-    for kind, blocks in (("input", unet.input_blocks), ("middle", [unet.middle_block]), ("output", unet.output_blocks)):
+    for kind, blocks in (
+        ("input", unet.input_blocks),
+        ("middle", [unet.middle_block]),
+        ("output", unet.output_blocks),
+    ):
         for index, block in enumerate(blocks):
             for name, module in block.named_modules():
                 if name.endswith("attn2"):
@@ -44,7 +48,10 @@ def test_torchvision_placeholder_imports_and_fails_when_used() -> None:
         import torchvision.transforms.functional as tf  # type: ignore[import-not-found]
         from torchvision import transforms  # type: ignore[import-not-found]
 
-        with pytest.raises(ModuleNotFoundError, match=r"torchvision is not installed.*`torchvision.transforms.Normalize` was called"):
+        with pytest.raises(
+            ModuleNotFoundError,
+            match=r"torchvision is not installed.*`torchvision.transforms.Normalize` was called",
+        ):
             transforms.Normalize(0.5, 0.5)
         assert tf.__name__ == "torchvision.transforms.functional"
     assert "torchvision" not in sys.modules and "torchvision.transforms" not in sys.modules
@@ -96,19 +103,33 @@ def test_controlnet_changes_the_sample(comfy: comfyui.ComfyUI, tiny_controlnet: 
     patcher = comfyui.tiny_sd15_patcher(comfy)
     latent = comfyui.empty_latent(comfy)
     positive, negative = comfyui.conditioning("sd15", seed=1), comfyui.conditioning("sd15", seed=2)
-    image = torch.rand(1, 8 * comfyui.TEST_LATENT_SIZE, 8 * comfyui.TEST_LATENT_SIZE, 3, generator=torch.Generator().manual_seed(0))
+    image = torch.rand(
+        1,
+        8 * comfyui.TEST_LATENT_SIZE,
+        8 * comfyui.TEST_LATENT_SIZE,
+        3,
+        generator=torch.Generator().manual_seed(0),
+    )
     (controlled,) = comfyui.run_node(
-        comfy.nodes.ControlNetApply, conditioning=positive, control_net=tiny_controlnet(), image=image, strength=1.0
+        comfy.nodes.ControlNetApply,
+        conditioning=positive,
+        control_net=tiny_controlnet(),
+        image=image,
+        strength=1.0,
     )
     plain = comfyui.ksample(comfy, patcher, positive, negative, latent)
     with_control = comfyui.ksample(comfy, patcher, controlled, negative, latent)
     assert not torch.allclose(plain, with_control)
 
 
-def test_stock_lora_loader_reads_the_written_file(comfy: comfyui.ComfyUI, lora_file: Callable[..., str]) -> None:
+def test_stock_lora_loader_reads_the_written_file(
+    comfy: comfyui.ComfyUI, lora_file: Callable[..., str]
+) -> None:
     patcher = comfyui.tiny_sd15_patcher(comfy)
     name = lora_file(patcher)
-    (with_lora,) = comfyui.run_node(comfy.nodes.LoraLoaderModelOnly, model=patcher, lora_name=name, strength_model=1.0)
+    (with_lora,) = comfyui.run_node(
+        comfy.nodes.LoraLoaderModelOnly, model=patcher, lora_name=name, strength_model=1.0
+    )
     assert with_lora is not patcher and with_lora.model is patcher.model
     assert len(with_lora.patches) == 2 * 16  # to_k and to_v of the 16 cross-attention layers
     assert patcher.patches == {}
@@ -117,7 +138,9 @@ def test_stock_lora_loader_reads_the_written_file(comfy: comfyui.ComfyUI, lora_f
     plain = comfyui.ksample(comfy, patcher, positive, negative, latent)
     patched = comfyui.ksample(comfy, with_lora, positive, negative, latent)
     assert not torch.allclose(plain, patched)
-    assert torch.equal(comfyui.ksample(comfy, patcher, positive, negative, latent), plain), "LoRA leaked into the base"
+    assert torch.equal(comfyui.ksample(comfy, patcher, positive, negative, latent), plain), (
+        "LoRA leaked into the base"
+    )
 
 
 def test_release_models_unloads_what_sampling_loaded(comfy: comfyui.ComfyUI) -> None:
