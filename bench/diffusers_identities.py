@@ -38,17 +38,11 @@ def available_bytes() -> int:
     return 0
 
 
-def payload_bytes(identities: list[Any]) -> int:
-    """Bytes of the keys/values held by the identity processors of ``identities`` (distinct storages)."""
-    from instantid.diffusers import IdentityAttnProcessor
+def payload_bytes(models: list[Any]) -> int:
+    """Bytes of the identity keys/values held by the processors of ``models`` (distinct storages)."""
+    from instantid.diffusers.identity import payload_bytes as processor_payload
 
-    storages: dict[int, int] = {}
-    for model in identities:
-        for processor in model.attn_processors.values():
-            if isinstance(processor, IdentityAttnProcessor):
-                for tensor in (processor.kv.k, processor.kv.v):
-                    storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-    return sum(storages.values())
+    return processor_payload(p for model in models for p in model.attn_processors.values())
 
 
 def new_tensor_bytes(base: torch.nn.Module, models: list[Any]) -> int:

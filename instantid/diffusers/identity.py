@@ -13,7 +13,7 @@ Adapter layers are matched to the UNet's cross-attention modules in ``attn_proce
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,14 @@ from instantid.layout import ARCHS
 from instantid.weight_schedules import layer_weights
 from instantid.weights import FACE_EMBEDDING_DIM, InstantIDWeights
 
-__all__ = ["DiffusersIdentity", "FaceInput", "face_embedding", "prepare_identity", "unet_cross_attention"]
+__all__ = [
+    "DiffusersIdentity",
+    "FaceInput",
+    "face_embedding",
+    "payload_bytes",
+    "prepare_identity",
+    "unet_cross_attention",
+]
 
 FaceInput = Any
 """A face embedding (``[512]``, ``[B, 512]`` or ``[B, N, 512]`` float tensor or array), an
@@ -54,11 +61,19 @@ class DiffusersIdentity:
     @property
     def payload_bytes(self) -> int:
         """Bytes of the keys and values the processors hold (the identity's share of a clone)."""
-        storages = {}
-        for processor in self.processors.values():
-            for t in (processor.kv.k, processor.kv.v):
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return sum(storages.values())
+        return payload_bytes(self.processors.values())
+
+
+def payload_bytes(processors: Iterable[Any]) -> int:
+    """Bytes of the distinct K/V storages held by the :class:`IdentityAttnProcessor` among ``processors``
+    (others are skipped), e.g. ``payload_bytes(unet.attn_processors.values())``."""
+    storages = {}
+    for processor in processors:
+        if isinstance(processor, IdentityAttnProcessor):
+            for tensor in (processor.kv.k, processor.kv.v):
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def _is_image(item: Any) -> bool:
