@@ -23,6 +23,8 @@ with the patcher's ``model_options`` swapped for a stand-in whose ``__deepcopy__
 ``cow_copy``), so fields added by newer ComfyUI versions keep working. Where the patcher cannot be
 handled that way (its ``model_options`` is not a dict, its ``clone()`` does not deep-copy
 ``model_options``), the stock ``clone()`` result is returned and one warning per process is logged.
+A ``clone()`` found not to deep-copy ``model_options`` has run once with the stand-in by then; that
+result is dropped, the stock ``clone()`` runs again, and later calls go to it directly.
 
 While the stock ``clone()`` runs, the original patcher's ``model_options`` attribute holds the
 stand-in (a ``dict`` subclass with the same items); it is put back before ``cow_clone`` returns,
