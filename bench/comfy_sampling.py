@@ -16,10 +16,10 @@ where each layer's K/V come from:
   and the adapter can leave memory before sampling.
 
 Columns: the fastest model call (one sampling step, cond and uncond batched; the minimum is the
-figure least disturbed by other load on the machine), bytes of
-tensors the patches keep resident (reachable from ``model_options``), the process's peak resident
-set while sampling (freed memory handed back to the OS first). The last line also gives the
-largest difference between the two ways' patches on one layer (the UNet is zero-filled, so its
+figure least disturbed by other load on the machine; the two ways' runs alternate, so both meet
+the same load), bytes of tensors the patches keep resident (reachable from ``model_options``), the
+process's peak resident set while sampling (for this pack's way, after the adapter was released
+and the freed memory handed back to the OS). The last line also gives the largest difference between the two ways' patches on one layer (the UNet is zero-filled, so its
 latents say nothing).
 """
 
@@ -45,6 +45,8 @@ from tests.comfy import comfyui
 
 MiB = 1024 * 1024
 WEIGHT = 0.8
+STOCK = "weights in patch (stock)"
+OURS = "precomputed K/V (this pack)"
 
 
 @dataclass(frozen=True, eq=False)
@@ -165,7 +167,8 @@ def patch_difference(patch_a: Any, patch_b: Any, dtype: torch.dtype) -> float:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench comfy_sampling", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2, help="sampling steps (default 2)")
+    parser.add_argument("--steps", type=int, default=2, help="sampling steps per run (default 2)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each way, alternating (default 2)")
     parser.add_argument("--latent", type=int, default=32, help="latent side in latent pixels (default 32: 256x256)")
     parser.add_argument(
         "--dtype", choices=["float32", "float16"], default="float32", help="UNet dtype (float16 is slow on most CPUs)"
@@ -184,32 +187,40 @@ def main(argv: list[str]) -> int:
     print(
         f"ComfyUI at {comfy.root}\nSDXL-config UNet (ComfyUI's SDXL class) {unet_bytes / MiB:,.0f} MiB {args.dtype}, "
         f"random SDXL InstantID adapter, built in {time.perf_counter() - start:.0f} s; latent {args.latent}x{args.latent}, "
-        f"{args.steps} steps, CFG batch of 2, attention {comfy_attention().__name__}"
+        f"{args.rounds} x {args.steps} steps each, CFG batch of 2, attention {comfy_attention().__name__}"
     )
 
-    rows = []
-    first_layer_patches = []
+    # Timing: the two ways alternate, round after round, so both meet the same load on the machine.
+    models = {
+        STOCK: weights_in_patch(base, weights, cond, uncond, dtype),
+        OURS: precomputed(base, weights, cond, uncond, dtype),
+    }
     key = cross_attention_sites(diffusion_model_of(base))[0].key
-    for name, build in (("weights in patch (stock)", weights_in_patch), ("precomputed K/V (this pack)", precomputed)):
-        model = build(base, weights, cond, uncond, dtype)
-        if build is precomputed:
-            del weights  # the adapter is no longer needed: the patches hold only K/V
-        release_freed_memory()
-        first_layer_patches.append(model.model_options["transformer_options"]["patches_replace"]["attn2"][key])
-        held = sum(storages(model.model_options).values())
-        _, seconds, peak = sample(comfy, model, args.latent, args.steps)
-        rows.append((name, min(seconds), held, peak))
-        del model
+    first_layer = [models[name].model_options["transformer_options"]["patches_replace"]["attn2"][key] for name in (STOCK, OURS)]
+    difference = patch_difference(first_layer[0], first_layer[1], dtype)
+    held = {name: sum(storages(model.model_options).values()) for name, model in models.items()}
+    seconds: dict[str, list[float]] = {STOCK: [], OURS: []}
+    peak = {STOCK: 0, OURS: 0}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            _, times, rss = sample(comfy, model, args.latent, args.steps)
+            seconds[name] += times
+            peak[name] = max(peak[name], rss)
+    # Memory: with precomputed K/V the adapter is not needed while sampling; release it and sample again.
+    del models[STOCK], weights, first_layer
+    release_freed_memory()
+    _, _, peak[OURS] = sample(comfy, models[OURS], args.latent, 1)
+    rows = [(name, min(seconds[name]), held[name], peak[name]) for name in (STOCK, OURS)]
 
     header = f"{'70 identity patches':<30}{'step (best)':>12}{'held by patches':>18}{'RSS sampling':>15}"
     print(header)
     print("-" * len(header))
-    for name, step, held, peak in rows:
-        print(f"{name:<30}{step * 1e3:>9.0f} ms{held / MiB:>14.1f} MiB{peak / MiB:>11.0f} MiB")
+    for name, step, held_bytes, rss_bytes_ in rows:
+        print(f"{name:<30}{step * 1e3:>9.0f} ms{held_bytes / MiB:>14.1f} MiB{rss_bytes_ / MiB:>11.0f} MiB")
     baseline, ours = rows
     print(
         f"precomputed / weights in patch: {ours[1] / baseline[1]:.2f}x step time, "
         f"{baseline[2] / max(ours[2], 1):.0f}x fewer bytes held, RSS {(ours[3] - baseline[3]) / MiB:+.0f} MiB; "
-        f"one layer's patch output differs by at most {patch_difference(first_layer_patches[0], first_layer_patches[1], dtype):.1e}"
+        f"one layer's patch output differs by at most {difference:.1e}"
     )
     return 0

@@ -8,6 +8,7 @@ tensors are only read: the patches hold the K/V (a few MiB), not the adapter.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -25,6 +26,8 @@ from instantid.comfy.errors import InstantIDNodeError
 from instantid.comfy.patch import IdentityTerm, add_identity_patch
 from instantid.weights import InstantIDWeights
 
+logger = logging.getLogger(__name__)
+
 
 def model_sampling(model: Any) -> Any:
     """The model's sampling object: ``get_model_object("model_sampling")`` where ComfyUI has it
@@ -39,10 +42,11 @@ def model_sampling(model: Any) -> Any:
 def sigma_range(model: Any, start_at: float, end_at: float) -> tuple[float, float]:
     """``(sigma_start, sigma_end)`` for sampling progress ``start_at``..``end_at`` (0..1), as floats.
 
-    Raises ``InstantIDNodeError`` when ``start_at`` is after ``end_at``.
+    ``start_at`` after ``end_at`` gives an empty range (the identity never applies), as in
+    ComfyUI_InstantID, so saved workflows keep running; it is logged as a warning.
     """
     if start_at > end_at:
-        raise InstantIDNodeError(f"start_at ({start_at}) is after end_at ({end_at}); expected start_at <= end_at")
+        logger.warning("start_at (%s) is after end_at (%s): the identity attention will never apply", start_at, end_at)
     sampling = model_sampling(model)
     return float(sampling.percent_to_sigma(start_at)), float(sampling.percent_to_sigma(end_at))
 

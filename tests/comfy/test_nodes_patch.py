@@ -199,9 +199,19 @@ def test_an_adapter_for_another_model_is_refused(comfy: comfyui.ComfyUI) -> None
         apply_identity(sd15, sdxl_weights, *tokens, weight=1, start_at=0, end_at=1)
 
 
-def test_start_after_end_is_refused(comfy: comfyui.ComfyUI) -> None:
+def test_start_after_end_never_applies(comfy: comfyui.ComfyUI, caplog: pytest.LogCaptureFixture) -> None:
+    """As in ComfyUI_InstantID (saved workflows keep running): an empty sigma range, with a warning."""
     base = shared_patcher(comfy, "sd15")
     weights = shared_adapter(comfy, "sd15")
     tokens = face_tokens(weights, face_embedding(1))
-    with pytest.raises(InstantIDNodeError, match="start_at"):
-        apply_identity(base, weights, *tokens, weight=1, start_at=0.8, end_at=0.2)
+    model = apply_identity(base, weights, *tokens, weight=1, start_at=0.8, end_at=0.2)
+    assert "start_at (0.8) is after end_at (0.2)" in caplog.text
+    patch = next(iter(attn2_patches(model.model_options).values()))
+    kwargs = patch.kwargs[0]
+    assert kwargs["sigma_start"] < kwargs["sigma_end"]
+    generator = torch.Generator().manual_seed(0)
+    width = patch.identities[0].kv.k.shape[-1]
+    q, k, v = (torch.randn(2, 16, width, generator=generator) for _ in range(3))
+    for sigma in (0.0, kwargs["sigma_start"], kwargs["sigma_end"], 14.0):
+        options = _options(sigma) | {"n_heads": 1}
+        torch.testing.assert_close(patch(q, k, v, options), comfy.attention.optimized_attention(q, k, v, 1))
