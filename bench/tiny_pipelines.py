@@ -10,7 +10,7 @@ folder the caller gives. Tests and benchmarks import it; it is not a scenario (n
   ``text_time`` added conditioning): 22 cross-attention layers, see ``TINY_SDXL_UNET``.
 - ``tiny_sdxl_controlnet(seed)``: a ``ControlNetModel`` matching that UNet.
 - ``tiny_sdxl_controlnet_pipeline(folder, seed)``: a ``StableDiffusionXLControlNetPipeline``
-  of those parts that generates 32x32 images.
+  of those parts that generates 16x16 images.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 
 TEXT_WIDTH = 32
 """Hidden size of each tiny text encoder; the UNet's cross-attention dim is twice this (as SDXL's 768 + 1280)."""
-IMAGE_SIZE = 32
+IMAGE_SIZE = 16
 """Pixel size of the tiny pipeline's images (the tiny VAE downsamples by 2)."""
 
 TINY_SDXL_UNET: dict[str, Any] = {

@@ -31,7 +31,7 @@ from tests.diffusers.test_processor import ip_adapter_unet
 pytestmark = pytest.mark.filterwarnings("ignore:You have passed a tensor as `encoder_hidden_states`")
 
 PROMPT, NEGATIVE = "a photo of a person", "blurry"
-KPS = np.array([[10, 12], [22, 12], [16, 17], [11, 23], [21, 23]], dtype=np.float32)
+KPS = np.array([[5, 6], [11, 6], [8, 9], [5, 12], [11, 12]], dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,8 @@ def test_controlnet_proxy_hands_over_face_tokens(pipe, tiny_adapter):
         },
         "return_dict": False,
     }
-    sample, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 64, generator=g)
+    latent = IMAGE_SIZE // 2
+    sample, text = torch.randn(2, 4, latent, latent, generator=g), torch.randn(2, 77, 64, generator=g)
     with torch.no_grad():
         proxy(sample, 10, encoder_hidden_states=text, **inputs)
         proxy(sample, 10, encoder_hidden_states=text, guess_mode=True, **inputs)
