@@ -198,3 +198,24 @@ def test_a_view_of_a_view_carries_only_the_new_identity(pipe, tiny_adapter):
         if ".attn2." in key:
             assert torch.equal(second.unet.attn_processors[key].kv.k, processor.kv.k)
     assert first.unet.attn_processors[key] is not second.unet.attn_processors[key]
+
+
+def test_a_pipeline_without_controlnet_and_without_guidance(pipe, tiny_adapter):
+    """StableDiffusionXLPipeline (no ControlNet), guidance_scale=1: the batch holds conditional samples only."""
+    from diffusers import StableDiffusionXLPipeline
+
+    components = {k: v for k, v in pipe.components.items() if k != "controlnet"}
+    plain = StableDiffusionXLPipeline(**components, add_watermarker=False)
+    plain.set_progress_bar_config(disable=True)
+    settings = {"num_inference_steps": 2, "height": IMAGE_SIZE, "width": IMAGE_SIZE, "output_type": "np"}
+
+    def generate_plain(pipeline, guidance):
+        generator = torch.Generator().manual_seed(0)
+        return pipeline(PROMPT, guidance_scale=guidance, generator=generator, **settings).images
+
+    view = apply_instantid(plain, tiny_adapter, face(26), weight=1.0)
+    assert getattr(view, "controlnet", None) is None
+    image = generate_plain(view, 1.0)
+    with instantid_hooks(plain, tiny_adapter, face(26), weight=1.0):
+        assert np.array_equal(generate_plain(plain, 1.0), image)
+    assert not np.array_equal(generate_plain(plain, 1.0), image)
