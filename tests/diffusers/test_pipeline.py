@@ -219,3 +219,15 @@ def test_a_pipeline_without_controlnet_and_without_guidance(pipe, tiny_adapter):
     with instantid_hooks(plain, tiny_adapter, face(26), weight=1.0):
         assert np.array_equal(generate_plain(plain, 1.0), image)
     assert not np.array_equal(generate_plain(plain, 1.0), image)
+
+
+def test_hooks_on_a_pipeline_restore_it_after_an_exception(pipe, tiny_adapter):
+    controlnet, config, unet_before = pipe.controlnet, pipe.config, snapshot(pipe.unet)
+    with (
+        pytest.raises(RuntimeError, match="interrupted"),
+        instantid_hooks(pipe, tiny_adapter, face(27), end=0.5),
+    ):
+        assert isinstance(pipe.controlnet, FaceTokensControlNet) and pipe.controlnet.__wrapped__ is controlnet
+        raise RuntimeError("interrupted")
+    assert pipe.controlnet is controlnet and pipe.config is config
+    assert_unchanged(pipe.unet, unet_before)
