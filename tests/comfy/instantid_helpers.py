@@ -26,7 +26,7 @@ from instantid.comfy.blocks import cross_attention_sites, diffusion_model_of
 from instantid.face import load_face_analysis
 from instantid.resampler import Resampler
 from instantid.weights import InstantIDWeights
-from tests.comfy.comfyui import Arch, ComfyUI, tiny_model_patcher
+from tests.comfy.comfyui import Arch, ComfyUI, tiny_model_patcher, tiny_unet_config
 
 
 def tiny_adapter(patcher: Any, arch: str, seed: int = 0, scale: float = 0.05) -> InstantIDWeights:
@@ -100,3 +100,14 @@ def small_face_analysis(root: Path) -> Any:
 def pack_nodes(comfy: ComfyUI) -> types.ModuleType:
     """``instantid.comfy.nodes``, imported once ComfyUI is (it imports ComfyUI's ``folder_paths``)."""
     return importlib.import_module("instantid.comfy.nodes")
+
+
+def no_cross_attention_patcher(comfy: ComfyUI) -> Any:
+    """A tiny SD1.5-shaped ComfyUI model whose blocks hold no transformer at all."""
+    unet_config = tiny_unet_config("sd15") | {
+        "transformer_depth": [0] * 8,
+        "transformer_depth_middle": -1,
+        "transformer_depth_output": [0] * 12,
+    }
+    model = comfy.supported_models.SD15(unet_config).get_model({}, "")
+    return comfy.ModelPatcher(model, load_device="cpu", offload_device="cpu")

@@ -15,6 +15,7 @@ from instantid.comfy.blocks import (
 )
 from instantid.layout import cross_attention_layers
 from tests.comfy import comfyui
+from tests.comfy.instantid_helpers import no_cross_attention_patcher
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
@@ -50,19 +51,8 @@ def test_sd15_middle_block_is_keyed_middle_0(comfy: comfyui.ComfyUI) -> None:
     assert sites[-1].adapter_layer == 15
 
 
-def _no_cross_attention_patcher(comfy: comfyui.ComfyUI) -> Any:
-    """A tiny SD1.5-shaped ComfyUI model whose blocks hold no transformer at all."""
-    unet_config = comfyui.tiny_unet_config("sd15") | {
-        "transformer_depth": [0] * 8,
-        "transformer_depth_middle": -1,
-        "transformer_depth_output": [0] * 12,
-    }
-    model = comfy.supported_models.SD15(unet_config).get_model({}, "")
-    return comfy.ModelPatcher(model, load_device="cpu", offload_device="cpu")
-
-
 def test_model_without_cross_attention_is_refused(comfy: comfyui.ComfyUI) -> None:
-    patcher = _no_cross_attention_patcher(comfy)
+    patcher = no_cross_attention_patcher(comfy)
     with pytest.raises(NoCrossAttentionError, match="no cross-attention layers"):
         cross_attention_sites(diffusion_model_of(patcher))
 

@@ -28,12 +28,12 @@ from tests.comfy import comfyui
 from tests.comfy.instantid_helpers import (
     face_image,
     faceless_image,
+    no_cross_attention_patcher,
     pack_nodes,
     shared_adapter,
     shared_patcher,
     small_face_analysis,
 )
-from tests.comfy.test_nodes_blocks import _no_cross_attention_patcher
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_a_model_without_cross_attention_is_refused(
     comfy: comfyui.ComfyUI, face_app: Any, tiny_controlnet: Callable[..., Any]
 ) -> None:
     with pytest.raises(NoCrossAttentionError, match="no cross-attention layers"):
-        _apply(comfy, face_app, tiny_controlnet("sd15"), model=_no_cross_attention_patcher(comfy))
+        _apply(comfy, face_app, tiny_controlnet("sd15"), model=no_cross_attention_patcher(comfy))
 
 
 def test_keypoints_preprocessor(comfy: comfyui.ComfyUI, face_app: Any) -> None:
