@@ -77,8 +77,9 @@ class IdentityTerm:
 class _SigmaReader:
     """The current sigma as a float, read once per forward pass rather than once per layer.
 
-    ComfyUI passes the same ``sigmas`` tensor to every layer of one model call; reading it
-    (``.item()``) synchronises with the device, so the last tensor and its value are kept.
+    ComfyUI passes the same ``sigmas`` tensor to every layer of one model call, a tensor its
+    samplers make anew for each call and never change in place; reading it (``.item()``)
+    synchronises with the device, so the last tensor and its value are kept.
     """
 
     def __init__(self) -> None:
@@ -176,15 +177,19 @@ def add_identity_patch(
 
     The patch at ``key`` in a fresh clone is the clone's own copy, so adding to it leaves the
     model it was cloned from unchanged. Our own patch gets the term; a foreign patch following
-    the ``Attn2Replace`` protocol (``add``) gets it as the stock pack gives it; any other patch
-    becomes the base of a new ``InstantIDAttn2Patch``, as does an empty key.
+    the ``Attn2Replace`` protocol (``add``) gets it as the stock pack gives it; any other patch at
+    ``key``, or else a block-wide patch at ``key[:2]``, becomes the base of a new
+    ``InstantIDAttn2Patch`` installed at ``key``.
     """
-    existing = attn2_patches(model.model_options).get(key)
+    patches = attn2_patches(model.model_options)
+    existing = patches.get(key)
     if isinstance(existing, InstantIDAttn2Patch):
         existing.add_identity(term, sigma_start, sigma_end)
     elif existing is not None and callable(getattr(existing, "add", None)):
         existing.add(term, sigma_start=float(sigma_start), sigma_end=float(sigma_end))
     else:
-        patch = InstantIDAttn2Patch(base=existing)
+        # ComfyUI prefers the (block, number, index) key to a block-wide (block, number) one, so a
+        # block-wide patch becomes the base here rather than being shadowed for this layer.
+        patch = InstantIDAttn2Patch(base=existing if existing is not None else patches.get(key[:2]))
         patch.add_identity(term, sigma_start, sigma_end)
         model.set_model_attn2_replace(patch, *key)

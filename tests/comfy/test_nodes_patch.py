@@ -155,6 +155,21 @@ def test_a_replace_without_add_becomes_the_base(comfy: comfyui.ComfyUI) -> None:
     assert calls == [("input", 1)]
 
 
+def test_a_block_wide_replace_becomes_the_base(comfy: comfyui.ComfyUI) -> None:
+    """A patch keyed (block, number) would be shadowed by the per-layer key; it is kept as the base instead."""
+    patcher = comfyui.tiny_sd15_patcher(comfy)
+
+    def block_wide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor:
+        return torch.zeros_like(q)
+
+    patcher.set_model_attn2_replace(block_wide, "input", 1)
+    clone = patcher.clone()
+    add_identity_patch(clone, ("input", 1, 0), IdentityTerm(_kv(0), 1.0, None), 14.0, 0.0)
+    installed = attn2_patches(clone.model_options)[("input", 1, 0)]
+    assert isinstance(installed, InstantIDAttn2Patch) and installed.base is block_wide
+    assert ("input", 1, 0) not in attn2_patches(patcher.model_options)
+
+
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_two_faces_stack_on_clones_without_touching_upstream(comfy: comfyui.ComfyUI, arch: comfyui.Arch) -> None:
     base = shared_patcher(comfy, arch)
