@@ -107,8 +107,6 @@ def main(argv: list[str]) -> int:
             f"{name:<32}{row['seconds'] * 1e3:>11.2f} ms{row['rss'] / MiB:>10.1f} MiB"
             f"{row['tensors'] / MiB:>10.3f} MiB"
         )
-    print(
-        f"{'ratio deepcopy / cow':<32}{deep['seconds'] / cow['seconds']:>13.0f}x"
-        f"{deep['rss'] / max(cow['rss'], 1):>13.0f}x{'':>14}"
-    )
+    rss_ratio = f"{deep['rss'] / cow['rss']:>13.0f}x" if cow["rss"] >= MiB else f"{'(cow < 1 MiB)':>14}"
+    print(f"{'ratio deepcopy / cow':<32}{deep['seconds'] / cow['seconds']:>13.0f}x{rss_ratio}")
     return 0

@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from .errors import SharedWeightsError, UnknownPathError
-from .tree import iter_modules, iter_tensors, named_tensors, shell_copy, storage_bytes, version_of
+from .tree import all_modules, all_tensors, named_tensors, shell_copy, storage_bytes, version_of
 
 PatchFn = Callable[[nn.Module], "nn.Module | None"]
 
@@ -79,7 +79,7 @@ class LazyClonedModel(wrapt.CallableObjectProxy):
         self._self_base = base_root
         self._self_private: weakref.WeakSet[nn.Module] = weakref.WeakSet([root])
         self._self_snapshot = [
-            (tensor, version_of(tensor), tensor.data_ptr()) for tensor in set(iter_tensors(base_root))
+            (tensor, version_of(tensor), tensor.data_ptr()) for tensor in all_tensors(base_root).values()
         ]
         if check_writes:
             root.register_forward_pre_hook(lambda module, args: self.verify_shared())
@@ -177,7 +177,7 @@ class LazyClonedModel(wrapt.CallableObjectProxy):
         made; catches writes through the clone and through the base alike. Writes through
         ``tensor.data`` bypass version counters and are not seen.
         """
-        live = {id(tensor) for tensor in iter_tensors(self.__wrapped__)}
+        live = all_tensors(self.__wrapped__)
         changed = [
             tensor
             for tensor, version, pointer in self._self_snapshot
@@ -193,16 +193,16 @@ class LazyClonedModel(wrapt.CallableObjectProxy):
             )
 
     def _self_shared_ids(self) -> set[int]:
-        return {id(tensor) for tensor in iter_tensors(self._self_base)}
+        return set(all_tensors(self._self_base))
 
     def _self_private_modules(self) -> list[nn.Module]:
-        base_modules = {id(module) for module in iter_modules(self._self_base)}
-        return [module for module in iter_modules(self.__wrapped__) if id(module) not in base_modules]
+        base_modules = {id(module) for module in all_modules(self._self_base)}
+        return [module for module in all_modules(self.__wrapped__) if id(module) not in base_modules]
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LazyClonedModel:
         """Apply a tensor conversion to the clone's private tensors; refuse to change shared ones."""
         shared = self._self_shared_ids()
-        changing = [t for t in set(iter_tensors(self.__wrapped__)) if id(t) in shared and fn(t) is not t]
+        changing = [t for t in all_tensors(self.__wrapped__).values() if id(t) in shared and fn(t) is not t]
         if changing:
             names = named_tensors(self.__wrapped__)
             listed = ", ".join(sorted(names[id(t)] for t in changing)[:3])

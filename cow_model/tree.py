@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -34,25 +33,30 @@ def shell_copy(module: nn.Module) -> nn.Module:
     return shell
 
 
-def iter_modules(root: nn.Module) -> Iterator[nn.Module]:
+def all_modules(root: nn.Module) -> list[nn.Module]:
     """Every distinct module under ``root`` (``root`` included), depth first, without building names."""
-    seen: set[int] = set()
+    seen = {id(root)}
+    found = [root]
     stack = [root]
     while stack:
-        module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        yield module
-        stack.extend(child for child in module._modules.values() if child is not None)
+        for child in stack.pop()._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                found.append(child)
+                stack.append(child)
+    return found
 
 
-def iter_tensors(root: nn.Module) -> Iterator[torch.Tensor]:
-    """Every parameter and buffer under ``root``; a tensor held in several places may repeat."""
-    for module in iter_modules(root):
+def all_tensors(root: nn.Module) -> dict[int, torch.Tensor]:
+    """``id -> tensor`` for every distinct parameter and buffer under ``root``."""
+    found: dict[int, torch.Tensor] = {}
+    for module in all_modules(root):
         for tensors in (module._parameters, module._buffers):
             if tensors:
-                yield from (tensor for tensor in tensors.values() if tensor is not None)
+                for tensor in tensors.values():
+                    if tensor is not None:
+                        found[id(tensor)] = tensor
+    return found
 
 
 def named_tensors(root: nn.Module) -> dict[int, str]:
@@ -76,7 +80,7 @@ def storage_key(tensor: torch.Tensor) -> tuple[str, int] | None:
 def storage_bytes(root: nn.Module) -> dict[tuple[str, int], int]:
     """``storage_key -> nbytes`` for every storage that the tensors under ``root`` live in."""
     sizes: dict[tuple[str, int], int] = {}
-    for tensor in iter_tensors(root):
+    for tensor in all_tensors(root).values():
         key = storage_key(tensor)
         if key is not None:
             sizes[key] = tensor.untyped_storage().nbytes()
