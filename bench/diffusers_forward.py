@@ -6,10 +6,10 @@
 One base UNet (random weights), one identity. The clone comes from ``apply_instantid(unet, ...)``;
 the in-place side is the base UNet inside ``instantid_hooks(unet, ...)`` (same adapter, same face,
 so the same keys and values). Both run the same classifier-free-guidance batch of 2; the runs
-alternate (clone, in place, clone, ...) so that drift in the machine's speed hits both alike, and
-the headline figure is the median of the back-to-back pairs' ratios, in wall time and in process
-CPU time (less sensitive to other processes on a shared machine; ``--threads 1`` steadies it
-further). The plain base UNet (no identity) is timed first, as context. Target: the clone within
+alternate (clone then in place, in place then clone, ...) so that drift in the machine's speed and
+the order within a pair hit both alike, and the headline figure is the median of the back-to-back
+pairs' ratios, in wall time and in process CPU time (less sensitive to other processes on a shared
+machine; ``--threads 1`` steadies it further). The plain base UNet (no identity) is timed first, as context. Target: the clone within
 1% of in place.
 """
 
@@ -132,9 +132,9 @@ def main(argv: list[str]) -> int:
         for _ in range(2):
             timed(forward(unet), args.device)
         cow_out, in_place_out = forward(clone)(), forward(unet)()
-        for _ in range(args.repeats):
-            times[cow].append(timed(forward(clone), args.device))
-            times[in_place].append(timed(forward(unet), args.device))
+        for index in range(args.repeats):  # pairs alternate which side runs first
+            for name, model in ((cow, clone), (in_place, unet))[:: 1 if index % 2 == 0 else -1]:
+                times[name].append(timed(forward(model), args.device))
 
     print(
         f"{args.model} UNet, {args.dtype}, {args.device}, {torch.get_num_threads()} CPU threads, batch 2 (CFG) at "
