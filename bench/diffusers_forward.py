@@ -1,6 +1,6 @@
 """Forward time of an InstantID UNet: copy-on-write clone vs the same processors installed in place.
 
-``python -m bench diffusers_forward [--model sd15|sdxl] [--latent 16] [--repeats 15] [--dtype fp32|fp16]
+``python -m bench diffusers_forward [--model sd15|sdxl|tiny] [--latent 16] [--repeats 15] [--dtype fp32|fp16]
 [--device cpu|cuda] [--threads N]``
 
 One base UNet (random weights), one identity. The clone comes from ``apply_instantid(unet, ...)``;
@@ -93,7 +93,12 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench diffusers_forward", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--model", choices=sorted(UNET_CONFIGS), default="sd15")
+    parser.add_argument(
+        "--model",
+        choices=[*sorted(UNET_CONFIGS), "tiny"],
+        default="sd15",
+        help="tiny: bench.tiny_pipelines' SDXL-architecture UNet, where per-forward Python overhead dominates",
+    )
     parser.add_argument("--latent", type=int, default=16, help="latent side (pixels / 8); default 16")
     parser.add_argument("--repeats", type=int, default=15, help="timed forwards per side (after 2 warm-ups)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
@@ -108,8 +113,14 @@ def main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
-    unet = build_unet(args.model, dtype, init="random").to(args.device)
-    adapter = random_layout_adapter(args.model)
+    if args.model == "tiny":
+        from bench.tiny_pipelines import tiny_instantid_weights, tiny_sdxl_unet
+
+        unet = tiny_sdxl_unet(dtype=dtype).to(args.device)
+        adapter = tiny_instantid_weights(unet)
+    else:
+        unet = build_unet(args.model, dtype, init="random").to(args.device)
+        adapter = random_layout_adapter(args.model)
     face = torch.randn(1, 512, generator=torch.Generator().manual_seed(1)) * 20
     inputs, kwargs = unet_inputs(unet, args.latent, args.device, dtype)
     clone = apply_instantid(unet, adapter, face, weight=0.8)
