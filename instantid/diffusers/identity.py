@@ -87,7 +87,7 @@ def face_embedding(
 ) -> Tensor:
     """The face embedding(s) for ``face`` as a float32 tensor (``[B, 512]`` or ``[B, N, 512]``).
 
-    Images go through ``face_analysis`` (``instantid.face.load_face_analysis``'s app: the
+    Images (one, a list, or an ``N x H x W x 3`` array) go through ``face_analysis`` (``instantid.face.load_face_analysis``'s app: the
     largest face of each image) and, like ``FaceResult`` lists, are combined by ``combine``
     (``instantid.face.face_embeddings``). Float arrays and tensors are embeddings; ``uint8``
     arrays are images. Raises ``ValueError`` for an embedding whose last dimension is not 512
@@ -102,10 +102,9 @@ def face_embedding(
                 "got a face image but no face analysis: pass face_analysis=instantid.face.load_face_analysis(root), "
                 "or a 512-d face embedding instead"
             )
-        images = [
-            np.asarray(item.convert("RGB")) if not isinstance(item, np.ndarray) else item for item in items
-        ]
-        return face_embeddings(analyze_faces(face_analysis, images), combine)
+        images = [item if isinstance(item, np.ndarray) else np.asarray(item.convert("RGB")) for item in items]
+        batch = face if isinstance(face, np.ndarray) else images  # an array may hold a batch: N x H x W x 3
+        return face_embeddings(analyze_faces(face_analysis, batch), combine)
     if isinstance(face, (Tensor, np.ndarray)):
         embeds = torch.as_tensor(face).detach().to(dtype=torch.float32)
         if embeds.shape[-1:] != (FACE_EMBEDDING_DIM,) or embeds.ndim > 3:

@@ -181,9 +181,10 @@ def test_a_face_image_goes_through_insightface(pipe, tiny_adapter, face_app):
     from_result = apply_instantid(pipe, tiny_adapter, result)
     from_embedding = apply_instantid(pipe, tiny_adapter, torch.from_numpy(result.embedding))
     from_pil = apply_instantid(pipe, tiny_adapter, Image.fromarray(photo), face_analysis=face_app)
+    from_batch = apply_instantid(pipe, tiny_adapter, np.stack([photo, photo]), face_analysis=face_app)
     for key, processor in from_image.unet.attn_processors.items():
         if ".attn2." in key:
-            for other in (from_result, from_embedding, from_pil):
+            for other in (from_result, from_embedding, from_pil, from_batch):
                 assert torch.equal(processor.kv.k, other.unet.attn_processors[key].kv.k)
                 assert torch.equal(processor.kv.v, other.unet.attn_processors[key].kv.v)
     image = generate(from_image, draw_kps(photo, result.kps))
