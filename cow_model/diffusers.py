@@ -10,6 +10,10 @@ operations are scoped to a :class:`~cow_model.LazyClonedModel`:
 - :func:`clone_with_attn_processor` makes the clone and sets the processors in one call.
 - :func:`attention_paths` and :func:`cross_attention_keys` list a model's attention modules
   in ``attn_processors`` order (the order diffusers' IP-Adapter checkpoints number layers by).
+- Importing this module makes diffusers' own in-place calls safe on clones:
+  ``clone.set_attn_processor(...)`` runs :func:`set_attn_processor`, and
+  ``clone.set_default_attn_processor()`` runs diffusers' method with the clone as ``self``, so
+  its ``self.set_attn_processor`` is the scoped one (``cow_model.register_scoped_method``).
 
 An ``nn.Module`` processor becomes a child named ``processor`` of the attention module; that
 happens on the clone's private copy of the module only. The base model, and every pipeline
@@ -29,7 +33,7 @@ from typing import Any
 
 from torch import nn
 
-from .clone import LazyClonedModel
+from .clone import LazyClonedModel, register_scoped_method
 
 __all__ = [
     "attention_paths",
@@ -128,3 +132,12 @@ def clone_with_attn_processor(model: nn.Module, processor: Any | Mapping[str, An
     clone = LazyClonedModel(model)
     set_attn_processor(clone, processor)
     return clone
+
+
+def _set_default_attn_processor(clone: LazyClonedModel) -> None:
+    """diffusers' ``set_default_attn_processor`` run with the clone as ``self`` (scoped to the clone)."""
+    type(clone.__wrapped__).set_default_attn_processor(clone)
+
+
+register_scoped_method("set_attn_processor", set_attn_processor)
+register_scoped_method("set_default_attn_processor", _set_default_attn_processor)

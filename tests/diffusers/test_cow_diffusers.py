@@ -125,3 +125,16 @@ def test_a_model_that_is_not_a_clone_is_refused(unet):
 def test_a_model_without_attention_is_refused():
     with pytest.raises(ValueError, match="no attention modules"):
         clone_with_attn_processor(torch.nn.Sequential(torch.nn.Linear(2, 2)), AttnProcessor())
+
+
+def test_diffusers_own_in_place_calls_on_a_clone_stay_in_the_clone(unet):
+    before = snapshot(unet)
+    clone = LazyClonedModel(unet)
+    key = cross_attention_keys(unet)[0]
+    processor = AttnProcessor()
+    clone.set_attn_processor({key: processor})
+    assert clone.attn_processors[key] is processor
+    clone.set_default_attn_processor()
+    assert all(type(p) is AttnProcessor for p in clone.attn_processors.values())
+    assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
+    assert_unchanged(unet, before)
