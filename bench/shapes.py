@@ -61,7 +61,7 @@ def build_unet(
         raise KeyError(f"unknown UNet shape {shape!r}; expected one of {sorted(UNET_CONFIGS)}")
     with torch.device("meta"):
         unet = UNet2DConditionModel(**UNET_CONFIGS[shape])
-    unet = torch.nn.Module.to(unet.to_empty(device="cpu"), dtype)  # bypasses diffusers' casting warning
+    unet = torch.nn.Module.to(torch.nn.Module.to_empty(unet, device="cpu"), dtype)  # bypasses diffusers' casting warning
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for tensor in unet.state_dict().values():
