@@ -17,19 +17,19 @@ generation with this identity; entering a second block on a UNet that has one ac
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from diffusers import DiffusionPipeline
-from torch import Tensor, nn
+from torch import nn
+from typing_extensions import Unpack
 
 from cow_model import LazyClonedModel
 from cow_model.diffusers import attention_paths
-from instantid.diffusers.identity import FaceInput, prepare_identity
-from instantid.diffusers.pipeline import FaceTokensControlNet, plain_controlnet
-from instantid.diffusers.processor import IdentityAttnProcessor, fixed_layout, pipeline_layout
-from instantid.face import CombineMode
+from instantid.diffusers.identity import FaceInput, IdentityOptions
+from instantid.diffusers.pipeline import face_tokens_controlnet, prepare_for
+from instantid.diffusers.processor import IdentityAttnProcessor
 from instantid.weights import InstantIDWeights
 
 __all__ = ["instantid_hooks"]
@@ -87,17 +87,10 @@ def instantid_hooks(
     adapter: InstantIDWeights,
     face: FaceInput,
     *,
-    weight: float | Mapping[int, float] | Tensor = 0.8,
-    weight_type: str = "linear",
-    start: float = 0.0,
-    end: float = 1.0,
-    noise: float = 0.0,
-    embeds_scaling: str = "V only",
-    face_analysis: Any | None = None,
-    combine: CombineMode = "average",
     identitynet: bool = True,
     cfg: bool = True,
     num_train_timesteps: int = 1000,
+    **options: Unpack[IdentityOptions],
 ) -> Iterator[Any]:
     """Install InstantID on ``pipe_or_unet`` in place for the block; yields ``pipe_or_unet`` itself.
 
@@ -119,22 +112,13 @@ def instantid_hooks(
         raise TypeError(
             f"instantid_hooks takes a diffusers pipeline or UNet; got a {type(pipe_or_unet).__name__}"
         )
-    identity = prepare_identity(
-        unet,
+    identity = prepare_for(
+        pipe_or_unet,
         adapter,
         face,
-        layout=pipeline_layout(pipe_or_unet) if is_pipeline else fixed_layout(cfg),
-        weight=weight,
-        weight_type=weight_type,
-        start=start,
-        end=end,
-        noise=noise,
-        embeds_scaling=embeds_scaling,
-        face_analysis=face_analysis,
-        combine=combine,
-        num_train_timesteps=(
-            int(pipe_or_unet.scheduler.config.num_train_timesteps) if is_pipeline else num_train_timesteps
-        ),
+        options=options,
+        cfg=cfg,
+        num_train_timesteps=num_train_timesteps,
         owner=threading.get_ident(),
     )
     modules = dict(unet.named_modules())
@@ -149,12 +133,7 @@ def instantid_hooks(
                 time_proj: Any = unet.time_proj
                 restores.callback(time_proj.register_forward_pre_hook(identity.gate.record).remove)
             if is_pipeline and identitynet and getattr(pipe_or_unet, "controlnet", None) is not None:
-                proxy = FaceTokensControlNet(
-                    plain_controlnet(pipe_or_unet.controlnet),
-                    identity.cond_tokens,
-                    identity.uncond_tokens,
-                    pipeline_layout(pipe_or_unet),
-                )
+                proxy = face_tokens_controlnet(pipe_or_unet, identity, layout_of=pipe_or_unet)
                 restores.callback(_swap_pipeline_attribute(pipe_or_unet, "controlnet", proxy))
         except BaseException:
             restores.close()

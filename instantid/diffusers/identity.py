@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -180,6 +180,19 @@ def _multipliers(
 def _model_placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     tensor = next(model.parameters())
     return tensor.device, tensor.dtype
+
+
+class IdentityOptions(TypedDict, total=False):
+    """Per-identity options of ``apply_instantid`` and ``instantid_hooks``, defaults as in :func:`prepare_identity`."""
+
+    weight: float | Mapping[int, float] | Tensor
+    weight_type: str
+    start: float
+    end: float
+    noise: float
+    embeds_scaling: str
+    face_analysis: Any
+    combine: CombineMode
 
 
 def prepare_identity(

@@ -28,19 +28,18 @@ converts the shared VAE in place, as the base pipeline does.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 import wrapt
 from diffusers import DiffusionPipeline
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from cow_model import LazyClonedModel
 from cow_model.diffusers import clone_with_attn_processor
-from instantid.diffusers.identity import DiffusersIdentity, FaceInput, prepare_identity
+from instantid.diffusers.identity import DiffusersIdentity, FaceInput, IdentityOptions, prepare_identity
 from instantid.diffusers.processor import BatchLayout, TimestepGate, fixed_layout, pipeline_layout
-from instantid.face import CombineMode
 from instantid.weights import InstantIDWeights
 
 __all__ = ["FaceTokensControlNet", "apply_instantid", "identity_unet"]
@@ -116,24 +115,70 @@ def _pipeline_view(pipe: Any) -> Any:
     return view
 
 
+def prepare_for(
+    pipe_or_unet: Any,
+    adapter: InstantIDWeights,
+    face: FaceInput,
+    *,
+    options: IdentityOptions,
+    layout_of: Any = None,
+    cfg: bool = True,
+    num_train_timesteps: int = 1000,
+    owner: int | None = None,
+) -> DiffusersIdentity:
+    """:func:`prepare_identity` for a pipeline or a UNet.
+
+    For a pipeline, the batch layout follows ``layout_of`` (the pipeline, or a view of it, that
+    will run) and the step window its scheduler's ``num_train_timesteps``; for a UNet, ``cfg``
+    and ``num_train_timesteps`` say so.
+    """
+    if isinstance(pipe_or_unet, DiffusionPipeline):
+        pipe: Any = pipe_or_unet
+        return prepare_identity(
+            pipe.unet,
+            adapter,
+            face,
+            layout=pipeline_layout(layout_of if layout_of is not None else pipe),
+            num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps),
+            owner=owner,
+            **options,
+        )
+    return prepare_identity(
+        pipe_or_unet,
+        adapter,
+        face,
+        layout=fixed_layout(cfg),
+        num_train_timesteps=num_train_timesteps,
+        owner=owner,
+        **options,
+    )
+
+
+def face_tokens_controlnet(pipe: Any, identity: DiffusersIdentity, *, layout_of: Any) -> FaceTokensControlNet:
+    """``pipe``'s ControlNet fed ``identity``'s face tokens, in the batch layout of ``layout_of``."""
+    return FaceTokensControlNet(
+        plain_controlnet(pipe.controlnet),
+        identity.cond_tokens,
+        identity.uncond_tokens,
+        pipeline_layout(layout_of),
+    )
+
+
 def apply_instantid(
     pipe_or_unet: Any,
     adapter: InstantIDWeights,
     face: FaceInput,
     *,
-    weight: float | Mapping[int, float] | Tensor = 0.8,
-    weight_type: str = "linear",
-    start: float = 0.0,
-    end: float = 1.0,
-    noise: float = 0.0,
-    embeds_scaling: str = "V only",
-    face_analysis: Any | None = None,
-    combine: CombineMode = "average",
     identitynet: bool = True,
     cfg: bool = True,
     num_train_timesteps: int = 1000,
+    **options: Unpack[IdentityOptions],
 ) -> Any:
     """InstantID on a copy-on-write UNet: returns a pipeline view for a pipeline, a UNet clone for a UNet.
+
+    ``options`` (:class:`~instantid.diffusers.identity.IdentityOptions`): ``weight=0.8``,
+    ``weight_type="linear"``, ``start=0.0``, ``end=1.0``, ``noise=0.0``, ``embeds_scaling="V only"``,
+    ``face_analysis=None``, ``combine="average"``.
 
     ``face``: a 512-d embedding, ``FaceResult``(s), or image(s) with ``face_analysis`` (see
     :func:`instantid.diffusers.identity.face_embedding`; ``combine`` merges several).
@@ -154,16 +199,6 @@ def apply_instantid(
     wrong size, and bad weights or windows; ``TypeError`` for an argument that is neither a
     pipeline nor a UNet.
     """
-    options: dict[str, Any] = {
-        "weight": weight,
-        "weight_type": weight_type,
-        "start": start,
-        "end": end,
-        "noise": noise,
-        "embeds_scaling": embeds_scaling,
-        "face_analysis": face_analysis,
-        "combine": combine,
-    }
     if isinstance(pipe_or_unet, DiffusionPipeline):
         pipe: Any = pipe_or_unet
         if getattr(pipe, "unet", None) is None:
@@ -171,31 +206,14 @@ def apply_instantid(
                 f"{type(pipe).__name__} has no UNet; InstantID needs a UNet-based pipeline (SD1.5 or SDXL)"
             )
         view = _pipeline_view(pipe)
-        identity = prepare_identity(
-            pipe.unet,
-            adapter,
-            face,
-            layout=pipeline_layout(view),
-            num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps),
-            **options,
-        )
+        identity = prepare_for(pipe, adapter, face, layout_of=view, options=options)
         view.unet = identity_unet(pipe.unet, identity)
         if identitynet and getattr(pipe, "controlnet", None) is not None:
-            view.controlnet = FaceTokensControlNet(
-                plain_controlnet(pipe.controlnet),
-                identity.cond_tokens,
-                identity.uncond_tokens,
-                pipeline_layout(view),
-            )
+            view.controlnet = face_tokens_controlnet(pipe, identity, layout_of=view)
         return view
     if isinstance(pipe_or_unet, nn.Module):
-        identity = prepare_identity(
-            pipe_or_unet,
-            adapter,
-            face,
-            layout=fixed_layout(cfg),
-            num_train_timesteps=num_train_timesteps,
-            **options,
+        identity = prepare_for(
+            pipe_or_unet, adapter, face, cfg=cfg, num_train_timesteps=num_train_timesteps, options=options
         )
         return identity_unet(pipe_or_unet, identity)
     raise TypeError(
