@@ -11,26 +11,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
-import os
-import statistics
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from bench.measure import MiB, measure
 from bench.shapes import UNET_CONFIGS, build_unet
 from cow_model import LazyClonedModel
 from cow_model.tree import storage_bytes
-
-MiB = 1024 * 1024
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process now."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def attn2_paths(unet: torch.nn.Module) -> list[str]:
@@ -57,26 +48,6 @@ def new_tensor_bytes(base: torch.nn.Module, result: Any) -> int:
     return sum(size for key, size in mine.items() if key not in theirs)
 
 
-def measure(make: Callable[[], torch.nn.Module | LazyClonedModel], base: torch.nn.Module, repeats: int) -> dict[str, float]:
-    """The memory one live result holds (measured first, before freed copies can be reused), and
-    the median seconds over ``repeats`` builds."""
-    gc.collect()
-    before = rss_bytes()
-    result = make()
-    rss = rss_bytes() - before
-    tensors = new_tensor_bytes(base, result)
-    del result
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        start = time.perf_counter()
-        result = make()
-        times.append(time.perf_counter() - start)
-        del result
-    gc.collect()
-    return {"seconds": statistics.median(times), "rss": rss, "tensors": tensors}
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench clone", description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(UNET_CONFIGS), default="sd15")
@@ -95,8 +66,9 @@ def main(argv: list[str]) -> int:
         f"{sum(storage_bytes(unet).values()) / MiB:,.0f} MiB, {len(paths)} attn2 blocks "
         f"(built in {time.perf_counter() - start:.1f} s)"
     )
-    deep = measure(lambda: deepcopy_and_patch(unet, paths, AttnProcessor2_0), unet, args.repeats)
-    cow = measure(lambda: cow_clone_and_patch(unet, paths, AttnProcessor2_0), unet, args.repeats * 10)
+    new_bytes = functools.partial(new_tensor_bytes, unet)
+    deep = measure(lambda: deepcopy_and_patch(unet, paths, AttnProcessor2_0), new_bytes, args.repeats)
+    cow = measure(lambda: cow_clone_and_patch(unet, paths, AttnProcessor2_0), new_bytes, args.repeats * 10)
 
     header = f"{'clone + patch ' + str(len(paths)) + ' attn2':<32}{'median time':>14}{'RSS delta':>14}{'new tensors':>14}"
     print(header)

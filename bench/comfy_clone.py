@@ -27,17 +27,16 @@ the clone's ``model_options`` that the original does not hold.
 from __future__ import annotations
 
 import argparse
-import gc
-import os
-import statistics
+import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from bench.adapter_files import random_adapter_state
+from bench.measure import MiB, measure
 from cow_model import comfy as cow_comfy
 from instantid.attention import default_attention, face_tokens, precompute_kv
 from instantid.comfy.blocks import cross_attention_sites, diffusion_model_of
@@ -45,14 +44,6 @@ from instantid.comfy.patch import IdentityTerm, add_identity_patch
 from instantid.layout import ARCHS
 from instantid.weights import InstantIDWeights
 from tests.comfy import comfyui
-
-MiB = 1024 * 1024
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process now."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class InstantIDModule(torch.nn.Module):
@@ -149,24 +140,10 @@ def storages(obj: Any) -> dict[int, int]:
     return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors_in(obj)}
 
 
-def measure(clone: Callable[[], Any], original: Any, repeats: int) -> dict[str, float]:
-    """Median seconds of ``clone()`` over ``repeats``, RSS held by one live clone, new tensor bytes in its options."""
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        start = time.perf_counter()
-        result = clone()
-        times.append(time.perf_counter() - start)
-        del result
-    gc.collect()
-    before = rss_bytes()
-    result = clone()
-    rss = rss_bytes() - before
+def new_option_bytes(original: Any, result: Any) -> int:
+    """Bytes of tensor storage in ``result``'s model_options that ``original``'s options do not hold."""
     theirs = storages(original.model_options)
-    new = sum(size for ptr, size in storages(result.model_options).items() if ptr not in theirs)
-    del result
-    gc.collect()
-    return {"seconds": statistics.median(times), "rss": rss, "tensors": new}
+    return sum(size for ptr, size in storages(result.model_options).items() if ptr not in theirs)
 
 
 def stock_pack_model(base: Any, weights: InstantIDWeights, cond: Tensor, uncond: Tensor) -> Any:
@@ -222,17 +199,19 @@ def main(argv: list[str]) -> int:
     )
 
     rows: list[tuple[str, dict[str, float]]] = []
-    rows.append(("weights in patch, stock clone()", measure(stock_pack.clone, stock_pack, args.repeats)))
+    stock_bytes = functools.partial(new_option_bytes, stock_pack)
+    rows.append(("weights in patch, stock clone()", measure(stock_pack.clone, stock_bytes, args.repeats)))
     rows.append(
-        ("  (i) cow_clone()", measure(lambda: cow_comfy.cow_clone(stock_pack), stock_pack, args.repeats))
+        ("  (i) cow_clone()", measure(lambda: cow_comfy.cow_clone(stock_pack), stock_bytes, args.repeats))
     )
     if not cow_comfy.install():
         raise RuntimeError("the global switch did not install on this ComfyUI; see the warning above")
     try:
-        rows.append(("  (ii) stock clone(), switch on", measure(stock_pack.clone, stock_pack, args.repeats)))
+        rows.append(("  (ii) stock clone(), switch on", measure(stock_pack.clone, stock_bytes, args.repeats)))
     finally:
         cow_comfy.uninstall()
-    rows.append(("(iii) this pack, stock clone()", measure(this_pack.clone, this_pack, args.repeats)))
+    pack_bytes = functools.partial(new_option_bytes, this_pack)
+    rows.append(("(iii) this pack, stock clone()", measure(this_pack.clone, pack_bytes, args.repeats)))
 
     header = f"{'downstream clone of 70 patches':<34}{'median time':>14}{'RSS delta':>14}{'new tensors':>14}"
     print(header)

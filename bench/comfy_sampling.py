@@ -36,14 +36,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.comfy_clone import random_weights, rss_bytes, storages
+from bench.comfy_clone import random_weights, storages
+from bench.measure import MiB, rss_bytes
 from instantid.attention import IdentityKV, face_tokens, identity_attention, precompute_kv
 from instantid.comfy.blocks import cross_attention_sites, diffusion_model_of
 from instantid.comfy.patch import IdentityTerm, add_identity_patch, comfy_attention
 from instantid.weights import InstantIDWeights
 from tests.comfy import comfyui
 
-MiB = 1024 * 1024
 WEIGHT = 0.8
 STOCK = "weights in patch (stock)"
 OURS = "precomputed K/V (this pack)"

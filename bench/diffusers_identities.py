@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from bench.clone import MiB, rss_bytes
 from bench.diffusers_forward import random_layout_adapter
+from bench.measure import MiB, rss_bytes
 from bench.shapes import UNET_CONFIGS, build_unet
 from cow_model.tree import storage_bytes
 
