@@ -201,6 +201,6 @@ def main(argv: list[str]) -> int:
     overhead = proxy_call_seconds()
     print(
         f"same torch operators in the same order: {same_ops}; the clone's only extra work is the proxy call: "
-        f"{overhead * 1e6:.2f} us = {overhead / reference * 100:.5f}% of the in-place forward"
+        f"{overhead * 1e9:+.0f} ns per forward, {overhead / reference * 100:+.6f}% of the in-place forward (timing noise included)"
     )
     return 0 if same and same_ops else 1
