@@ -184,13 +184,17 @@ class LazyClonedModel(wrapt.CallableObjectProxy):
             if id(tensor) in live and (version_of(tensor) != version or tensor.data_ptr() != pointer)
         ]
         if changed:
-            names = named_tensors(self.__wrapped__)
-            listed = ", ".join(sorted(names[id(t)] for t in changed)[:5])
+            listed = self._self_names(changed, 5)
             raise SharedWeightsError(
                 f"{len(changed)} tensor(s) shared between this clone and its base were modified in place "
                 f"after cloning ({listed}); both sides see the change. Give the clone its own tensor with "
                 "patch_block or load_state_dict instead of writing in place."
             )
+
+    def _self_names(self, tensors: list[torch.Tensor], limit: int) -> str:
+        """The first ``limit`` qualified names of ``tensors`` in this clone, sorted, for error messages."""
+        names = named_tensors(self.__wrapped__)
+        return ", ".join(sorted(names[id(t)] for t in tensors)[:limit])
 
     def _self_shared_ids(self) -> set[int]:
         return set(all_tensors(self._self_base))
@@ -204,8 +208,7 @@ class LazyClonedModel(wrapt.CallableObjectProxy):
         shared = self._self_shared_ids()
         changing = [t for t in all_tensors(self.__wrapped__).values() if id(t) in shared and fn(t) is not t]
         if changing:
-            names = named_tensors(self.__wrapped__)
-            listed = ", ".join(sorted(names[id(t)] for t in changing)[:3])
+            listed = self._self_names(changing, 3)
             raise SharedWeightsError(
                 f"this conversion would change {len(changing)} tensor(s) that the clone shares with its base "
                 f"({listed}, ...). Convert the base instead (its clones share its tensors and follow it), "
