@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench.adapter_files import random_adapter_state, write_adapter
+from instantid.testing.adapter_files import random_adapter_state, write_adapter
 
 TARGET_RATIO = 1.2
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from bench.measure import MiB, measure
-from bench.shapes import UNET_CONFIGS, build_unet
 from cow_model import LazyClonedModel
 from cow_model.tree import storage_bytes
+from instantid.testing.shapes import UNET_CONFIGS, build_unet
 
 
 def attn2_paths(unet: torch.nn.Module) -> list[str]:

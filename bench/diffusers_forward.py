@@ -25,18 +25,18 @@ from typing import Any
 
 import torch
 
-from bench.shapes import UNET_CONFIGS, build_unet
 from instantid.layout import ARCHS, cross_attention_layers
+from instantid.testing.shapes import UNET_CONFIGS, build_unet
 from instantid.weights import InstantIDWeights
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def random_layout_adapter(arch: str, seed: int = 0) -> InstantIDWeights:
-    """A random fp16 adapter in ``arch``'s published layout with the small Resampler of ``bench.adapter_files``
+    """A random fp16 adapter in ``arch``'s published layout with the small Resampler of ``instantid.testing.adapter_files``
     (full-size ``to_k_ip``/``to_v_ip``: ~840 MB for SDXL)."""
-    from bench.adapter_files import RESAMPLER_SIZES
     from instantid.resampler import Resampler
+    from instantid.testing.adapter_files import RESAMPLER_SIZES
 
     generator = torch.Generator().manual_seed(seed)
     dim = ARCHS[arch]["cross_attention_dim"]
@@ -125,7 +125,7 @@ def main(argv: list[str]) -> int:
         "--model",
         choices=[*sorted(UNET_CONFIGS), "tiny"],
         default="sd15",
-        help="tiny: bench.tiny_pipelines' SDXL-architecture UNet, where per-forward Python overhead dominates",
+        help="tiny: instantid.testing.tiny_pipelines' SDXL-architecture UNet, where per-forward Python overhead dominates",
     )
     parser.add_argument("--latent", type=int, default=16, help="latent side (pixels / 8); default 16")
     parser.add_argument("--repeats", type=int, default=15, help="timed forwards per side (after 2 warm-ups)")
@@ -142,7 +142,7 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     if args.model == "tiny":
-        from bench.tiny_pipelines import tiny_instantid_weights, tiny_sdxl_unet
+        from instantid.testing.tiny_pipelines import tiny_instantid_weights, tiny_sdxl_unet
 
         unet = tiny_sdxl_unet(dtype=dtype).to(args.device)
         adapter = tiny_instantid_weights(unet)

@@ -25,8 +25,8 @@ import torch
 
 from bench.diffusers_forward import random_layout_adapter
 from bench.measure import MiB, rss_bytes
-from bench.shapes import UNET_CONFIGS, build_unet
 from cow_model.tree import storage_bytes
+from instantid.testing.shapes import UNET_CONFIGS, build_unet
 
 
 def available_bytes() -> int:

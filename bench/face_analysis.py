@@ -6,7 +6,7 @@ The stock ComfyUI_InstantID pack runs its face loop twice per reference image, o
 (ApplyInstantID) and once for the keypoint image (the keypoints input), each pass detecting and
 recognising again. ``instantid.face.analyze_face`` detects once and returns both. Both columns run here
 through the same insightface ``FaceAnalysis`` on the same image: a face found at 640, and a large face
-found only at 320 after retries. Without ``--root`` the small models of ``bench.face_models`` (a face
+found only at 320 after retries. Without ``--root`` the small models of ``instantid.testing.face_models`` (a face
 tag on insightface's t1.jpg) are used; with ``--root`` the real antelopev2 on t1.jpg as it is (the
 "large face" row is then left out: it needs a tag).
 """
@@ -70,14 +70,14 @@ def main(argv: list[str]) -> int:
     photo = _photo()
     with tempfile.TemporaryDirectory() as tmp:
         if args.root is None:
-            from bench.face_models import build_antelopev2_like, paste_face_tag
+            from instantid.testing.face_models import build_antelopev2_like, paste_face_tag
 
             app = load_face_analysis(build_antelopev2_like(Path(tmp)))
             cases = {
                 "face at 640": paste_face_tag(photo, (640, 384), 80),
                 "large face (found at 320)": paste_face_tag(photo, (640, 384), 240),
             }
-            models = "small test models (bench.face_models)"
+            models = "small test models (instantid.testing.face_models)"
         else:
             app = load_face_analysis(args.root)
             cases = {"t1.jpg": photo}

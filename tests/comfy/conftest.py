@@ -1,4 +1,4 @@
-"""Fixtures giving tests a real ComfyUI on CPU (see ``tests/comfy/comfyui.py`` for where it comes from).
+"""Fixtures giving tests a real ComfyUI on CPU (see ``instantid/testing/comfyui.py`` for where it comes from).
 
 Fixtures (stable names, used by the node-pack tests too):
 
@@ -10,7 +10,7 @@ Fixtures (stable names, used by the node-pack tests too):
   temporary folder registered with ComfyUI's ``loras`` paths, returns the ``lora_name`` for
   ``LoraLoaderModelOnly``.
 
-Plain helpers (import from ``tests.comfy.comfyui``): ``conditioning``, ``empty_latent``, ``ksample``, ``run_node``,
+Plain helpers (import from ``instantid.testing.comfyui``): ``conditioning``, ``empty_latent``, ``ksample``, ``run_node``,
 ``tiny_model_patcher``, ``release_models``. After every test, the models ComfyUI holds as loaded are released.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.comfy import comfyui
+from instantid.testing import comfyui
 
 
 @pytest.fixture(scope="session")

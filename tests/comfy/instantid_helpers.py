@@ -1,7 +1,7 @@
 """Inputs for the node-pack tests: tiny InstantID adapters that fit the tiny ComfyUI models.
 
 The published adapter's layer widths are those of the full-size UNet (640 / 1280 for SDXL); the
-tiny models of ``tests.comfy.comfyui`` are narrower, so their adapter is built here with the real
+tiny models of ``instantid.testing.comfyui`` are narrower, so their adapter is built here with the real
 structure (a Resampler from 512-d embeddings to 16 tokens of the real context width, one
 ``to_k_ip``/``to_v_ip`` pair per cross-attention layer in adapter order) and widths read from the
 model. Random weights, depending only on the seed.
@@ -20,13 +20,13 @@ import insightface
 import numpy as np
 import torch
 
-from bench.adapter_files import RESAMPLER_SIZES
-from bench.face_models import build_antelopev2_like, paste_face_tag
 from instantid.comfy.blocks import cross_attention_sites, diffusion_model_of
 from instantid.face import load_face_analysis
 from instantid.resampler import Resampler
+from instantid.testing.adapter_files import RESAMPLER_SIZES
+from instantid.testing.comfyui import Arch, ComfyUI, tiny_model_patcher, tiny_unet_config
+from instantid.testing.face_models import build_antelopev2_like, paste_face_tag
 from instantid.weights import InstantIDWeights
-from tests.comfy.comfyui import Arch, ComfyUI, tiny_model_patcher, tiny_unet_config
 
 
 def tiny_adapter(patcher: Any, arch: str, seed: int = 0, scale: float = 0.05) -> InstantIDWeights:
@@ -77,7 +77,7 @@ PHOTOS = Path(insightface.__file__).parent / "data" / "images"
 
 def face_image(left: int, top: int, size: int = 320, tag: int = 24) -> torch.Tensor:
     """A ComfyUI IMAGE ``[1, size, size, 3]``: a crop of insightface's group photo ``t1.jpg`` at
-    ``(left, top)`` with a face tag (``bench.face_models``) in its centre, which the test detector finds."""
+    ``(left, top)`` with a face tag (``instantid.testing.face_models``) in its centre, which the test detector finds."""
     bgr = cv2.imread(str(PHOTOS / "t1.jpg"), cv2.IMREAD_COLOR)
     rgb = np.ascontiguousarray(bgr[top : top + size, left : left + size, ::-1])
     tagged = paste_face_tag(rgb, (size // 2, size // 2), tag)

@@ -15,7 +15,7 @@ import torch
 
 import cow_model.comfy as cow_comfy
 from cow_model import cow_copy
-from tests.comfy import comfyui
+from instantid.testing import comfyui
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -20,7 +20,7 @@ import torch
 from instantid.attention import IdentityKV
 from instantid.comfy.blocks import cross_attention_sites, diffusion_model_of
 from instantid.comfy.patch import IdentityTerm, InstantIDAttn2Patch, attn2_patches
-from tests.comfy import comfyui
+from instantid.testing import comfyui
 from tests.comfy.instantid_helpers import (
     face_image,
     pack_nodes,

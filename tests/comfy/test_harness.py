@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.comfy import comfyui
+from instantid.testing import comfyui
 
 
 def cross_attention_blocks(patcher: Any) -> Counter[tuple[str, int]]:

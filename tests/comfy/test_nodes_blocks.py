@@ -14,7 +14,7 @@ from instantid.comfy.blocks import (
     diffusion_model_of,
 )
 from instantid.layout import cross_attention_layers
-from tests.comfy import comfyui
+from instantid.testing import comfyui
 from tests.comfy.instantid_helpers import no_cross_attention_patcher
 
 

@@ -17,14 +17,14 @@ import torch
 from insightface.app import FaceAnalysis
 from safetensors.torch import save_file
 
-from bench.adapter_files import write_random_adapter
-from bench.face_models import build_antelopev2_like
 from instantid.comfy.blocks import NoCrossAttentionError
 from instantid.comfy.errors import InstantIDNodeError
 from instantid.comfy.patch import attn2_patches
 from instantid.face import FaceModelsMissingError, NoFaceDetectedError
+from instantid.testing import comfyui
+from instantid.testing.adapter_files import write_random_adapter
+from instantid.testing.face_models import build_antelopev2_like
 from instantid.weights import AdapterFormatError, InstantIDWeights
-from tests.comfy import comfyui
 from tests.comfy.instantid_helpers import (
     face_image,
     faceless_image,

@@ -14,7 +14,7 @@ from instantid.comfy.apply import apply_identity
 from instantid.comfy.blocks import cross_attention_sites, diffusion_model_of
 from instantid.comfy.errors import InstantIDNodeError
 from instantid.comfy.patch import IdentityTerm, InstantIDAttn2Patch, add_identity_patch, attn2_patches
-from tests.comfy import comfyui
+from instantid.testing import comfyui
 from tests.comfy.instantid_helpers import face_embedding, shared_adapter, shared_patcher
 
 HEADS = 2

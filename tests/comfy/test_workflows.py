@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from cow_model.comfy import ENV_VAR
-from tests.comfy import comfyui
+from instantid.testing import comfyui
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO_ROOT.parent / "shared" / "workflows"

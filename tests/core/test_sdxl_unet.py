@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.shapes import build_unet
 from cow_model import LazyClonedModel
+from instantid.testing.shapes import build_unet
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import AttnProcessor  # noqa: E402

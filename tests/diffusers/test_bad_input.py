@@ -9,10 +9,10 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
-from bench.adapter_files import random_adapter_state, write_adapter
-from bench.shapes import UNET_CONFIGS
 from instantid import load_instantid
 from instantid.diffusers import apply_instantid
+from instantid.testing.adapter_files import random_adapter_state, write_adapter
+from instantid.testing.shapes import UNET_CONFIGS
 from tests.diffusers.helpers import assert_unchanged, face, snapshot
 
 

@@ -19,13 +19,13 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 from PIL import Image
 
-from bench.face_models import build_antelopev2_like, paste_face_tag
-from bench.tiny_pipelines import IMAGE_SIZE, tiny_instantid_weights, tiny_sdxl_controlnet_pipeline
 from instantid.attention import face_tokens
 from instantid.diffusers import FaceTokensControlNet, apply_instantid, instantid_hooks
 from instantid.diffusers.processor import fixed_layout
 from instantid.face import analyze_face, load_face_analysis
 from instantid.keypoints import draw_kps
+from instantid.testing.face_models import build_antelopev2_like, paste_face_tag
+from instantid.testing.tiny_pipelines import IMAGE_SIZE, tiny_instantid_weights, tiny_sdxl_controlnet_pipeline
 from tests.diffusers.helpers import assert_unchanged, face, snapshot
 from tests.diffusers.test_processor import ip_adapter_unet
 

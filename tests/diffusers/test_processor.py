@@ -9,11 +9,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
-from bench.shapes import UNET_CONFIGS
 from instantid.attention import face_tokens
 from instantid.diffusers import apply_instantid, prepare_identity
 from instantid.diffusers.processor import TimestepGate, fixed_layout
 from instantid.layout import ARCHS, cross_attention_layers
+from instantid.testing.shapes import UNET_CONFIGS
 from instantid.weight_schedules import layer_weights
 from instantid.weights import InstantIDWeights
 from tests.diffusers.helpers import face, run, unet_inputs
@@ -118,8 +118,8 @@ def test_gate_is_per_thread(unet, adapter):
 
 def sdxl_shaped_adapter() -> InstantIDWeights:
     """An SDXL-layout adapter whose tensors cost no memory (zero-stride views of one zero)."""
-    from bench.adapter_files import RESAMPLER_SIZES
     from instantid.resampler import Resampler
+    from instantid.testing.adapter_files import RESAMPLER_SIZES
 
     layers = cross_attention_layers("sdxl")
     dim = ARCHS["sdxl"]["cross_attention_dim"]

@@ -1,4 +1,4 @@
-"""Fixtures: an antelopev2-layout folder of small ONNX models (bench.face_models) and the photos insightface ships."""
+"""Fixtures: an antelopev2-layout folder of small ONNX models (instantid.testing.face_models) and the photos insightface ships."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import insightface
 import numpy as np
 import pytest
 
-from bench.face_models import build_antelopev2_like
 from instantid.face import load_face_analysis
+from instantid.testing.face_models import build_antelopev2_like
 
 PHOTOS = Path(insightface.__file__).parent / "data" / "images"
 

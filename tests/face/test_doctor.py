@@ -14,10 +14,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bench.adapter_files import write_random_adapter
-from bench.face_models import DETECTOR_FILE, RECOGNIZER_FILE, build_antelopev2_like, build_recognizer
 from instantid.cli import main
 from instantid.doctor import ADAPTER, CONTROLNET, INSIGHTFACE, Finding, Status, diagnose
+from instantid.testing.adapter_files import write_random_adapter
+from instantid.testing.face_models import (
+    DETECTOR_FILE,
+    RECOGNIZER_FILE,
+    build_antelopev2_like,
+    build_recognizer,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""Face analysis on the real insightface + onnxruntime path, with small models (bench.face_models) that
+"""Face analysis on the real insightface + onnxruntime path, with small models (instantid.testing.face_models) that
 detect green "face tags" pasted on the photos insightface ships."""
 
 from __future__ import annotations
@@ -16,14 +16,6 @@ from insightface.model_zoo.scrfd import SCRFD
 from insightface.utils import face_align
 from onnx import numpy_helper
 
-from bench.face_models import (
-    DETECTOR_FILE,
-    FACE_PER_TAG,
-    RECOGNIZER_FILE,
-    build_detector,
-    largest_detectable_tag,
-    paste_face_tag,
-)
 from instantid.face import (
     DETECTION_SIZES,
     FaceResult,
@@ -31,6 +23,14 @@ from instantid.face import (
     analyze_face,
     analyze_faces,
     load_face_analysis,
+)
+from instantid.testing.face_models import (
+    DETECTOR_FILE,
+    FACE_PER_TAG,
+    RECOGNIZER_FILE,
+    build_detector,
+    largest_detectable_tag,
+    paste_face_tag,
 )
 
 # t1.jpg is 1280 wide: at detection size D it is scaled by D / 1280, so at 640 a stride-32 anchor falls

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from bench.face_models import build_antelopev2_like, paste_face_tag
 from instantid.face import FaceResult, analyze_face, face_embeddings, load_face_analysis
+from instantid.testing.face_models import build_antelopev2_like, paste_face_tag
 
 
 def result(embedding: np.ndarray) -> FaceResult:

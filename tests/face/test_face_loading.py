@@ -10,13 +10,18 @@ import onnx
 import onnxruntime
 import pytest
 
-from bench.face_models import DETECTOR_FILE, RECOGNIZER_FILE, build_antelopev2_like, build_recognizer
 from instantid.face import (
     PROVIDERS,
     FaceModelsMissingError,
     antelopev2_dir,
     load_face_analysis,
     onnx_provider,
+)
+from instantid.testing.face_models import (
+    DETECTOR_FILE,
+    RECOGNIZER_FILE,
+    build_antelopev2_like,
+    build_recognizer,
 )
 
 

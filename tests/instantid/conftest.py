@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.adapter_files import random_adapter_state, write_adapter, write_random_adapter
+from instantid.testing.adapter_files import random_adapter_state, write_adapter, write_random_adapter
 from instantid.weights import InstantIDWeights, load_instantid
 
 

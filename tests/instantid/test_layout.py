@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from bench.shapes import UNET_CONFIGS
 from instantid.layout import ARCHS, arch_for_num_layers, cross_attention_layers
+from instantid.testing.shapes import UNET_CONFIGS
 
 
 @pytest.mark.parametrize("arch", ["sdxl", "sd15"])

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bench.adapter_files import random_adapter_state, write_adapter, write_random_adapter
 from instantid import AdapterFormatError, load_instantid
 from instantid.layout import cross_attention_layers
+from instantid.testing.adapter_files import random_adapter_state, write_adapter, write_random_adapter
 
 
 def _mapped_ranges(path: Path) -> list[tuple[int, int]]:

@@ -204,14 +204,14 @@ def tiny_sdxl_controlnet_pipeline(folder: Path, seed: int = 0) -> Any:
 def tiny_instantid_weights(unet: nn.Module, seed: int = 0, scale: float = 0.1) -> Any:
     """A random ``InstantIDWeights`` that fits ``unet``'s cross-attention layers (e.g. ``tiny_sdxl_unet``).
 
-    The Resampler is the small one of ``bench.adapter_files`` (width 128, 2 heads) with output
+    The Resampler is the small one of ``instantid.testing.adapter_files`` (width 128, 2 heads) with output
     width = the UNet's cross-attention width; ``to_k_ip``/``to_v_ip`` are N(0, scale). Built in
     memory (``load_instantid`` validates files against the published SD1.5/SDXL layouts only);
     ``arch`` is ``"tiny"``.
     """
-    from bench.adapter_files import RESAMPLER_SIZES
     from cow_model.diffusers import attention_paths, cross_attention_keys
     from instantid.resampler import Resampler
+    from instantid.testing.adapter_files import RESAMPLER_SIZES
     from instantid.weights import InstantIDWeights
 
     modules = dict(unet.named_modules())

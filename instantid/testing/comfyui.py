@@ -108,7 +108,7 @@ class _AbsentModule(types.ModuleType):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise ModuleNotFoundError(
             f"{self.__name__.split('.')[0]} is not installed; the ComfyUI test harness "
-            "(tests/comfy/comfyui.py) put a placeholder for it in place so that ComfyUI imports, "
+            "(instantid/testing/comfyui.py) put a placeholder for it in place so that ComfyUI imports, "
             f"and `{self.__name__}` was called."
         )
 
