@@ -22,21 +22,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from instantid.face import analyze_face, load_face_analysis
 from instantid.keypoints import draw_kps
-
-
-def _photo() -> np.ndarray:
-    import insightface
-
-    path = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
-    bgr = cv2.imread(str(path))
-    if bgr is None:
-        raise FileNotFoundError(f"cannot read {path}")
-    return np.ascontiguousarray(bgr[..., ::-1])
+from instantid.testing.face_images import load_photo
 
 
 def _median_ms(run: Callable[[], object], repeat: int) -> float:
@@ -67,7 +57,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
 
-    photo = _photo()
+    photo = load_photo()
     with tempfile.TemporaryDirectory() as tmp:
         if args.root is None:
             from instantid.testing.face_models import build_antelopev2_like, paste_face_tag

