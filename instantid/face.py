@@ -19,6 +19,7 @@ insightface itself, one ``app`` must not be used from two threads at once.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,6 +50,28 @@ PROVIDERS = {
     "TENSORRT": "TensorrtExecutionProvider",
 }
 """User-facing provider names (the ComfyUI pack's "CPU", "CUDA", "ROCM", "CoreML"; any case) to onnxruntime's."""
+
+_NVIDIA = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
+PROVIDER_PACKAGES = {
+    "CUDAExecutionProvider": f"onnxruntime-gpu (NVIDIA, Linux and Windows): {_NVIDIA}",
+    "TensorrtExecutionProvider": f"onnxruntime-gpu and NVIDIA TensorRT: {_NVIDIA}",
+    "ROCMExecutionProvider": "an onnxruntime built for ROCm (AMD publishes onnxruntime-rocm wheels for Linux): "
+    "pip uninstall -y onnxruntime, then install AMD's wheel for your ROCm version",
+    "CoreMLExecutionProvider": "the standard onnxruntime package on macOS, where CoreML exists: pip install onnxruntime",
+    "DmlExecutionProvider": "onnxruntime-directml (Windows): "
+    "pip uninstall -y onnxruntime && pip install onnxruntime-directml",
+    "OpenVINOExecutionProvider": "onnxruntime-openvino: pip uninstall -y onnxruntime && pip install onnxruntime-openvino",
+}
+"""For each onnxruntime provider, the package that has it and how to switch to it."""
+ONNXRUNTIME_PACKAGES = (
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-rocm",
+    "onnxruntime-directml",
+    "onnxruntime-openvino",
+    "onnxruntime-silicon",
+)
+"""The distributions that install the ``onnxruntime`` module (each one's files overwrite the others')."""
 
 CombineMode = Literal["average", "norm average", "concat"]
 COMBINE_MODES: tuple[CombineMode, ...] = ("average", "norm average", "concat")
@@ -122,36 +145,85 @@ def check_antelopev2(root: str | Path) -> Path:
     return folder
 
 
-def load_face_analysis(root: str | Path, provider: str = "CPU", det_size: int = DETECTION_SIZES[0]) -> Any:
-    """Load insightface's ``FaceAnalysis`` (detection and recognition only) from ``root``'s antelopev2
-    folder on onnxruntime's ``provider`` (CPU fallback for unsupported operators), prepared at
-    ``det_size`` x ``det_size``.
+def installed_onnxruntime_packages() -> list[str]:
+    """The installed distributions that provide the ``onnxruntime`` module, as ``"name version"``.
 
-    Raises ``FaceModelsMissingError`` when files are missing, ``ValueError`` for an unknown provider or
-    one this onnxruntime build lacks, ``RuntimeError`` when the folder's models are not a detector and a
-    recognizer insightface can route.
+    More than one means the last one installed owns the module's files (usually the CPU ``onnxruntime``
+    that insightface depends on, installed after ``onnxruntime-gpu``).
+    """
+    from importlib import metadata
+
+    found = []
+    for name in ONNXRUNTIME_PACKAGES:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def session_providers(provider: str) -> list[str]:
+    """The onnxruntime providers to create the face analysis sessions with for ``provider``.
+
+    ``[provider, "CPUExecutionProvider"]`` (CPU for operators the provider lacks), or only the CPU when
+    ``provider`` is the CPU. A provider this onnxruntime build lacks (e.g. "CUDA" with the CPU-only
+    ``onnxruntime`` package) falls back to the CPU with one logged warning that names the missing
+    provider, the installed onnxruntime package(s) and how to get the provider; it never fails, so saved
+    ComfyUI workflows that carry "CUDA" run on any machine. Raises ``ValueError`` for an unknown name.
     """
     import onnxruntime
+
+    name = onnx_provider(provider)
+    if name == "CPUExecutionProvider":
+        return [name]
+    available = onnxruntime.get_available_providers()
+    if name in available:
+        return [name, "CPUExecutionProvider"]
+    how = PROVIDER_PACKAGES.get(name, f"an onnxruntime package built with {name}")
+    logger.warning(
+        "face analysis provider %r (%s) is not in this onnxruntime (installed: %s; providers: %s): running "
+        "the face analysis on the CPU. To use %s, install %s",
+        provider,
+        name,
+        ", ".join(installed_onnxruntime_packages()) or "unknown",
+        ", ".join(available),
+        provider,
+        how,
+    )
+    return ["CPUExecutionProvider"]
+
+
+@contextmanager
+def insightface_warnings_silenced() -> Iterator[None]:
+    """Inside the block, ignore the FutureWarning / DeprecationWarning noise that insightface's own
+    code raises (e.g. scikit-image's deprecated ``SimilarityTransform.estimate`` on every detection).
+
+    Only these two categories and only while the block runs; like ``warnings.catch_warnings`` itself,
+    this changes the process's warning filters for that time (ComfyUI runs nodes on one thread).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+def _face_analysis(folder: Path, providers: list[str]) -> Any:
+    """insightface's ``FaceAnalysis`` (detection and recognition) on the models in ``folder``.
+
+    Raises ``RuntimeError`` naming the folder when insightface cannot load or route its models.
+    """
     from insightface.app import FaceAnalysis
 
-    folder = check_antelopev2(root)
-    name = onnx_provider(provider)
-    available = onnxruntime.get_available_providers()
-    if name not in available:
-        raise ValueError(
-            f"face analysis provider {provider!r} ({name}) is not available in this onnxruntime "
-            f"build; available: {', '.join(available)}"
-        )
-    providers = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
     try:
         # An existing folder given as `name` is used as is (insightface 0.7 joins it to `root`, which an
         # absolute path overrides): insightface's downloader is never reached.
-        app = FaceAnalysis(
-            name=str(folder.resolve()),
-            root=str(folder.parent.resolve()),
-            allowed_modules=["detection", "recognition"],
-            providers=providers,
-        )
+        with insightface_warnings_silenced():
+            return FaceAnalysis(
+                name=str(folder.resolve()),
+                root=str(folder.parent.resolve()),
+                allowed_modules=["detection", "recognition"],
+                providers=providers,
+            )
     except AssertionError as error:
         raise RuntimeError(
             f"no SCRFD face detector found among the .onnx files in {folder}: expected {DETECTOR_FILE} "
@@ -160,8 +232,21 @@ def load_face_analysis(root: str | Path, provider: str = "CPU", det_size: int = 
     except Exception as error:  # onnxruntime's errors derive from Exception only
         raise RuntimeError(
             f"could not load the insightface models in {folder}: {error}. A truncated download? "
-            "`instantid doctor` checks each file."
+            "`python -m instantid doctor` checks each file."
         ) from error
+
+
+def load_face_analysis(root: str | Path, provider: str = "CPU", det_size: int = DETECTION_SIZES[0]) -> Any:
+    """Load insightface's ``FaceAnalysis`` (detection and recognition only) from ``root``'s antelopev2
+    folder on onnxruntime's ``provider`` (see ``session_providers``: CPU for operators it lacks, and the
+    CPU with one warning when this onnxruntime lacks the provider), prepared at ``det_size`` x ``det_size``.
+
+    Raises ``FaceModelsMissingError`` when files are missing, ``ValueError`` for an unknown provider
+    name, ``RuntimeError`` when the folder's models are not a detector and a recognizer insightface can
+    route.
+    """
+    folder = check_antelopev2(root)
+    app = _face_analysis(folder, session_providers(provider))
     if not app.det_model.use_kps:
         raise RuntimeError(
             f"the face detector in {folder} gives no keypoints (a 6-output SCRFD); InstantID needs keypoints: "
@@ -176,20 +261,36 @@ def load_face_analysis(root: str | Path, provider: str = "CPU", det_size: int = 
     return app
 
 
-def check_image(image: np.ndarray, index: int = 0) -> None:
-    """Raise ``ValueError`` unless ``image`` is a non-empty ``HxWx3`` ``uint8`` RGB array."""
+def image_label(index: int, count: int = 1, source: str | None = None) -> str:
+    """How messages name one image of a batch.
+
+    Without ``source``: ``"image 0"`` (0-based, as in a Python list). With the name of the input the
+    batch came from (a ComfyUI node's ``image`` / ``image_kps``): ``"input `image`"`` for a batch of one,
+    ``"input `image`, image 2 of 3"`` (1-based, as a user counts a batch) otherwise.
+    """
+    if source is None:
+        return f"image {index}"
+    if count == 1:
+        return f"input `{source}`"
+    return f"input `{source}`, image {index + 1} of {count}"
+
+
+def check_image(image: np.ndarray, index: int = 0, *, label: str | None = None) -> None:
+    """Raise ``ValueError`` (``TypeError`` for a non-array) unless ``image`` is a non-empty ``HxWx3``
+    ``uint8`` RGB array. Messages name the image ``label`` (default ``"image <index>"``)."""
+    name = label or image_label(index)
     if not isinstance(image, np.ndarray):
-        raise TypeError(f"image {index}: expected an HxWx3 uint8 RGB numpy array, got {type(image).__name__}")
+        raise TypeError(f"{name}: expected an HxWx3 uint8 RGB numpy array, got {type(image).__name__}")
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(
-            f"image {index}: expected an HxWx3 RGB image, got shape {tuple(image.shape)} "
+            f"{name}: expected an HxWx3 RGB image, got shape {tuple(image.shape)} "
             "(convert grayscale or RGBA images to RGB first)"
         )
     if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"image {index} is empty: shape {tuple(image.shape)}")
+        raise ValueError(f"{name} is empty: shape {tuple(image.shape)}")
     if image.dtype != np.uint8:
         raise ValueError(
-            f"image {index}: expected dtype uint8 (0-255), got {image.dtype}; "
+            f"{name}: expected dtype uint8 (0-255), got {image.dtype}; "
             "scale float images in [0, 1] by 255 and convert"
         )
 
@@ -235,33 +336,42 @@ def _area(face: Any) -> float:
     return (x2 - x1) * (y2 - y1)
 
 
+def _sizes_tried(det_sizes: Sequence[int]) -> str:
+    return f"detection sizes {det_sizes[0]} down to {det_sizes[-1]}"
+
+
 def analyze_face(
-    app: Any, image: np.ndarray, *, index: int = 0, det_sizes: Sequence[int] = DETECTION_SIZES
+    app: Any,
+    image: np.ndarray,
+    *,
+    index: int = 0,
+    det_sizes: Sequence[int] = DETECTION_SIZES,
+    label: str | None = None,
 ) -> FaceResult:
     """Detect faces in one RGB ``image`` and return the largest (by box area), with its embedding and
     keypoints from that one detection. Tries ``det_sizes`` in order and stops at the first size that
-    finds a face. Raises ``NoFaceDetectedError`` ("No face detected ...") when none does, ``ValueError``
-    on a bad image or a NaN / all-zero embedding. ``index`` only labels error messages.
+    finds a face. Raises ``NoFaceDetectedError`` ("No face detected in <label> (WxH) at detection sizes
+    640 down to 192") when none does, ``ValueError`` on a bad image or a NaN / all-zero embedding.
+    ``index`` and ``label`` (default ``"image <index>"``, see ``image_label``) only name the image in
+    messages. insightface's deprecation warnings are silenced for the call.
     """
-    check_image(image, index)
+    name = label or image_label(index)
+    check_image(image, index, label=name)
     bgr = np.ascontiguousarray(image[..., ::-1])
     for size in det_sizes:
-        with _detection_size(app, size):
+        with _detection_size(app, size), insightface_warnings_silenced():
             faces = app.get(bgr)
         if faces:
             break
     else:
         raise NoFaceDetectedError(
-            f"No face detected in image {index} ({image.shape[1]}x{image.shape[0]}) at detection sizes "
-            f"{det_sizes[0]} down to {det_sizes[-1]}"
+            f"No face detected in {name} ({image.shape[1]}x{image.shape[0]}) at {_sizes_tried(det_sizes)}"
         )
     if size != det_sizes[0]:
-        logger.info("face in image %d found at detection size %d (not at %d)", index, size, det_sizes[0])
+        logger.info("face in %s found at detection size %d (not at %d)", name, size, det_sizes[0])
     face = max(faces, key=_area)
     if face.embedding is None:
-        raise ValueError(
-            f"image {index}: the face analysis returned no embedding (is a recognition model loaded?)"
-        )
+        raise ValueError(f"{name}: the face analysis returned no embedding (is a recognition model loaded?)")
     embedding = np.array(face.embedding, dtype=np.float32).reshape(-1)
     check_embedding(embedding, index)
     return FaceResult(
@@ -283,27 +393,48 @@ def as_image_list(images: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]
 
 
 def analyze_faces(
-    app: Any, images: np.ndarray | Sequence[np.ndarray], *, skip_missing: bool = False
+    app: Any,
+    images: np.ndarray | Sequence[np.ndarray],
+    *,
+    skip_missing: bool = False,
+    source: str | None = None,
 ) -> list[FaceResult]:
     """``analyze_face`` on every image (see ``as_image_list`` for the accepted forms).
 
-    With ``skip_missing`` images without a face are left out (logged) and ``NoFaceDetectedError`` is
-    raised only when no image has one, as the ComfyUI pack does; otherwise any image without a face
-    raises. Raises ``ValueError`` on an empty batch.
+    With ``skip_missing`` images without a face are left out (one warning each) and
+    ``NoFaceDetectedError`` is raised only when no image has one, as the ComfyUI pack does; otherwise
+    any image without a face raises. ``source``, the name of the input the images came from, goes into
+    the messages (see ``image_label``): "No face detected in input `image`, image 2 of 3 (WxH) at
+    detection sizes 640 down to 192"; when a whole batch of several has no face, "No face detected in
+    any of the 3 images of input `image` (detection sizes 640 down to 192)". Raises ``ValueError`` on an
+    empty batch.
     """
     batch = as_image_list(images)
     if not batch:
-        raise ValueError("no images given: expected at least one HxWx3 uint8 RGB image")
-    results = []
+        raise ValueError(
+            f"no images given{f' in input `{source}`' if source else ''}: expected at least one HxWx3 uint8 "
+            "RGB image"
+        )
+    results: list[FaceResult] = []
+    missing: list[NoFaceDetectedError] = []
     for index, image in enumerate(batch):
         try:
-            results.append(analyze_face(app, image, index=index))
+            results.append(
+                analyze_face(app, image, index=index, label=image_label(index, len(batch), source))
+            )
         except NoFaceDetectedError as error:
             if not skip_missing:
                 raise
-            logger.warning("%s; image skipped", error)
+            missing.append(error)
     if not results:
-        raise NoFaceDetectedError(f"No face detected in any of the {len(batch)} images")
+        if len(missing) == 1:
+            raise missing[0]
+        of = f" of input `{source}`" if source else ""
+        raise NoFaceDetectedError(
+            f"No face detected in any of the {len(batch)} images{of} ({_sizes_tried(DETECTION_SIZES)})"
+        )
+    for error in missing:
+        logger.warning("%s; image skipped", error)
     return results
 
 

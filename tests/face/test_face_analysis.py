@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -143,10 +144,53 @@ def test_batch_keeps_order_and_skips_only_when_asked(
     assert [r.bbox[0] for r in results] == pytest.approx([520, 264], abs=1.0)
     with pytest.raises(NoFaceDetectedError, match="No face detected in image 1"):
         analyze_faces(face_app, [a, portrait, b])
-    with pytest.raises(NoFaceDetectedError, match="No face detected in any of the 1 images"):
+    with pytest.raises(
+        NoFaceDetectedError, match=r"^No face detected in image 0 \(112x112\) at detection sizes"
+    ):
         analyze_faces(face_app, [portrait], skip_missing=True)
     stacked = analyze_faces(face_app, np.stack([a, b]))
     np.testing.assert_array_equal(stacked[1].embedding, results[1].embedding)
+
+
+def test_messages_name_the_input_and_the_image(
+    face_app: Any, group_photo: np.ndarray, portrait: np.ndarray, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ComfyUI nodes pass the input's name: a user can tell which input and which image of a batch."""
+    a = paste_face_tag(group_photo, FACE_CENTRE, 80)
+    with pytest.raises(NoFaceDetectedError) as info:
+        analyze_faces(face_app, [a, portrait, a], source="image")
+    assert str(info.value) == (
+        "No face detected in input `image`, image 2 of 3 (112x112) at detection sizes 640 down to 192"
+    )
+    with caplog.at_level(logging.WARNING):
+        assert len(analyze_faces(face_app, [a, portrait], source="image_kps", skip_missing=True)) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "No face detected in input `image_kps`, image 2 of 2 (112x112) at detection sizes 640 down to 192; "
+        "image skipped"
+    ]
+    with pytest.raises(NoFaceDetectedError) as info:
+        analyze_faces(face_app, [portrait], source="image", skip_missing=True)
+    assert str(info.value) == "No face detected in input `image` (112x112) at detection sizes 640 down to 192"
+    with pytest.raises(NoFaceDetectedError) as info:
+        analyze_faces(face_app, [portrait, portrait], source="image", skip_missing=True)
+    assert str(info.value) == (
+        "No face detected in any of the 2 images of input `image` (detection sizes 640 down to 192)"
+    )
+    with pytest.raises(ValueError, match=r"^input `image`, image 2 of 2: expected dtype uint8"):
+        analyze_faces(face_app, [a, portrait.astype(np.float32)], source="image")
+
+
+def test_insightface_deprecation_warnings_are_silenced_at_the_call_only(
+    face_app: Any, group_photo: np.ndarray
+) -> None:
+    """insightface 2.1 raises a FutureWarning (scikit-image's deprecated ``estimate``) on every detection."""
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        filters = list(warnings.filters)
+        analyze_face(face_app, paste_face_tag(group_photo, FACE_CENTRE, 80))
+        assert warnings.filters == filters  # nothing changed globally
+        warnings.warn("after the call", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in raised] == ["after the call"]
 
 
 @pytest.mark.parametrize(

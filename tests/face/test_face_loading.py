@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
+import warnings
+from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -11,11 +14,11 @@ import onnxruntime
 import pytest
 
 from instantid.face import (
-    PROVIDERS,
     FaceModelsMissingError,
     antelopev2_dir,
     load_face_analysis,
     onnx_provider,
+    session_providers,
 )
 from instantid.testing.face_models import (
     DETECTOR_FILE,
@@ -108,11 +111,61 @@ def test_unknown_provider_is_refused(antelope_root: Path) -> None:
         load_face_analysis(antelope_root, provider="GPU")
 
 
-def test_unavailable_provider_is_refused(antelope_root: Path) -> None:
-    available = set(onnxruntime.get_available_providers())
-    missing = next(name for name, ort in PROVIDERS.items() if ort not in available)
-    with pytest.raises(ValueError, match=f"{PROVIDERS[missing]}\\) is not available .* available: "):
-        load_face_analysis(antelope_root, provider=missing)
+def _sessions_providers(app: Any) -> set[tuple[str, ...]]:
+    return {tuple(model.session.get_providers()) for model in app.models.values()}
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in onnxruntime.get_available_providers(), reason="this onnxruntime has CUDA"
+)
+def test_cuda_on_an_onnxruntime_without_it_runs_on_the_cpu_with_one_warning(
+    antelope_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A saved workflow's "CUDA" on a CPU-only onnxruntime: ComfyUI_InstantID's behaviour (run on the CPU),
+    with one warning that says what is missing and how to get it, and nothing from onnxruntime itself."""
+    with warnings.catch_warnings(record=True) as raised, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        app = load_face_analysis(antelope_root, provider="CUDA")
+    assert _sessions_providers(app) == {("CPUExecutionProvider",)}
+    (record,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    message = record.getMessage()
+    assert record.name == "instantid.face"
+    assert message.startswith(
+        "face analysis provider 'CUDA' (CUDAExecutionProvider) is not in this onnxruntime"
+    )
+    assert "running the face analysis on the CPU" in message
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu" in message
+    assert f"onnxruntime {metadata.version('onnxruntime')}" in message  # what is installed
+    assert not [w for w in raised if "provider" in str(w.message).lower()]
+
+
+@pytest.mark.parametrize(
+    ("provider", "hint"),
+    [
+        ("CoreML", "on macOS, where CoreML exists"),
+        ("ROCM", "onnxruntime-rocm"),
+        ("DmlExecutionProvider", "directml"),
+    ],
+)
+def test_each_missing_provider_names_its_package(
+    antelope_root: Path, caplog: pytest.LogCaptureFixture, provider: str, hint: str
+) -> None:
+    if onnx_provider(provider) in onnxruntime.get_available_providers():
+        pytest.skip(f"this onnxruntime has {provider}")
+    with caplog.at_level(logging.WARNING):
+        app = load_face_analysis(antelope_root, provider=provider)
+    assert _sessions_providers(app) == {("CPUExecutionProvider",)}
+    (record,) = caplog.records
+    assert hint in record.getMessage()
+
+
+def test_cpu_and_available_providers_warn_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        assert session_providers("CPU") == ["CPUExecutionProvider"]
+        for name in onnxruntime.get_available_providers():
+            if name != "CPUExecutionProvider":
+                assert session_providers(name) == [name, "CPUExecutionProvider"]
+    assert not caplog.records
 
 
 @pytest.mark.skipif(
