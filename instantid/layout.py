@@ -116,3 +116,19 @@ def arch_for_num_layers(num_layers: int) -> str:
             return arch
     known = ", ".join(f"{facts['num_layers']} ({arch})" for arch, facts in ARCHS.items())
     raise ValueError(f"no base architecture has {num_layers} cross-attention layers; expected {known}")
+
+
+ARCH_NAMES: dict[str, str] = {"sd15": "SD1.5", "sdxl": "SDXL"}
+"""How messages name each architecture of ``ARCHS``."""
+
+
+def arch_for_context_dim(width: int) -> str | None:
+    """The architecture whose text context (cross-attention input) is ``width`` wide, or ``None``."""
+    return next((arch for arch, facts in ARCHS.items() if facts["cross_attention_dim"] == width), None)
+
+
+def describe_context_dim(width: int) -> str:
+    """``width`` with the architecture it belongs to, for messages: ``"768-d (SD1.5)"``, ``"2048-d (SDXL)"``,
+    ``"1024-d (neither SD1.5 nor SDXL)"``."""
+    arch = arch_for_context_dim(width)
+    return f"{width}-d ({ARCH_NAMES[arch] if arch else 'neither SD1.5 nor SDXL'})"

@@ -71,7 +71,9 @@ def _transformer_stacks(block: torch.nn.Module) -> Iterator[torch.nn.Module]:
             yield module
 
 
-def _sites_in(block_name: str, blocks: Iterable[tuple[int, torch.nn.Module]]) -> Iterator[tuple[BlockKey, torch.nn.Module]]:
+def _sites_in(
+    block_name: str, blocks: Iterable[tuple[int, torch.nn.Module]]
+) -> Iterator[tuple[BlockKey, torch.nn.Module]]:
     for number, block in blocks:
         for stack in _transformer_stacks(block):
             transformers: torch.nn.ModuleList = stack.transformer_blocks  # type: ignore[assignment]
@@ -132,3 +134,15 @@ def describe_layout(sites: list[CrossAttentionSite]) -> str:
         if entries:
             parts.append(f"{name} " + " ".join(entries))
     return " | ".join(parts)
+
+
+def context_dim(module: torch.nn.Module) -> int | None:
+    """The width of the text context that every cross-attention layer of ``module`` reads (a ComfyUI UNet
+    or ControlNet in the ``input_blocks`` / ``middle_block`` layout), or ``None`` when that cannot be read:
+    no such layer, layers of different widths, or projections without a weight matrix."""
+    try:
+        sites = cross_attention_sites(module)
+    except (NoCrossAttentionError, AttributeError, IndexError):
+        return None
+    widths = {site.context_dim for site in sites}
+    return widths.pop() if len(widths) == 1 else None
