@@ -1,45 +1,32 @@
-"""The ``instantid`` console script: ``instantid doctor [MODELS_DIR]``."""
+"""The ``instantid`` command: ``instantid doctor [MODELS_DIR]`` (console script after ``pip install``),
+also ``python -m instantid doctor [MODELS_DIR]`` from the pack's folder without installing it."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="instantid", description="InstantID tools.")
+def _parser(prog: str) -> argparse.ArgumentParser:
+    from instantid import doctor
+
+    parser = argparse.ArgumentParser(prog=prog, description="InstantID tools.")
     commands = parser.add_subparsers(dest="command", required=True)
-    doctor = commands.add_parser(
+    add_doctor = commands.add_parser(
         "doctor",
         help="check a ComfyUI models folder for the antelopev2 models, the InstantID adapter and IdentityNet",
-        description="Check MODELS_DIR for insightface/models/antelopev2, instantid/ and controlnet/; print what "
-        "is present, missing or wrong and where each file belongs. Exit status 1 when something is missing or "
-        "wrong.",
+        description=doctor.DESCRIPTION,
     )
-    doctor.add_argument(
-        "models_dir",
-        nargs="?",
-        type=Path,
-        metavar="MODELS_DIR",
-        help="the ComfyUI models folder (default: $COMFYUI_MODELS, else ./models)",
-    )
+    doctor.add_arguments(add_doctor)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str] | None = None, prog: str = "instantid") -> int:
+    """Run the command in ``argv`` (default: ``sys.argv[1:]``); return its exit status."""
     from instantid import doctor
 
-    models_dir = args.models_dir or doctor.default_models_dir()
-    if not models_dir.is_dir():
-        print(
-            f"instantid doctor: {models_dir} is not a folder; pass the ComfyUI models folder", file=sys.stderr
-        )
-        return 2
-    findings = doctor.diagnose(models_dir)
-    print(doctor.format_report(models_dir, findings))
-    return 1 if doctor.has_problems(findings) else 0
+    args = _parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
+    return doctor.run(args.models_dir)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,38 @@
-"""``instantid doctor``: check a ComfyUI-style models folder for the three things InstantID needs.
+"""``instantid doctor``: check a ComfyUI-style models folder for what InstantID needs, per base model.
 
 * insightface antelopev2: ``insightface/models/antelopev2/{scrfd_10g_bnkps,glintr100}.onnx``, checked
   to be the detector and recognizer insightface routes on (graph inputs and outputs, read with onnx);
+  the pack's other ``.onnx`` files are listed as extra (insightface opens every one, so an unreadable
+  one is wrong). The same models serve SD1.5 and SDXL.
 * the InstantID adapter: ``instantid/*.bin|*.safetensors|...``, validated with
-  ``instantid.weights.load_instantid`` (memory-mapped: only headers and shapes are read);
-* the IdentityNet ControlNet: ``controlnet/**/*.safetensors``, checked from the safetensors header
-  (no tensor is loaded) to be an SDXL ControlNet (cross-attention dim 2048). A header cannot tell
-  IdentityNet from other SDXL ControlNets, so a file counts as IdentityNet when its path says
-  "instantid" or "identitynet"; other SDXL ControlNets are listed as unconfirmed candidates.
+  ``instantid.weights.load_instantid`` (memory-mapped: only headers and shapes are read), which tells
+  SD1.5 (768-d) from SDXL (2048-d);
+* the IdentityNet ControlNet: ``controlnet/**/*.safetensors``, checked from the safetensors header (no
+  tensor is loaded) to be a ControlNet whose cross-attention reads 768-d (SD1.5) or 2048-d (SDXL)
+  context. A header cannot tell IdentityNet from other ControlNets, so a file counts as IdentityNet when
+  its path says "instantid" or "identitynet"; other ControlNets of a needed architecture are listed as
+  unconfirmed candidates.
 
-Every check returns ``Finding`` records (what, status, where, detail); nothing is printed or changed
-here. ``cli.py`` prints ``format_report`` and exits non-zero when ``has_problems``.
+Then, per architecture, whether the adapter, the IdentityNet and antelopev2 are all there and of the
+same architecture: ``readiness``. The exit status is 0 when at least one architecture is complete.
+
+Run it as ``python -m instantid.doctor [MODELS_DIR]`` or ``python -m instantid doctor [MODELS_DIR]`` from
+the pack's folder (no install needed), or ``instantid doctor`` after ``pip install``. The checks return
+``Finding`` records and print nothing; ``run`` prints ``format_report``.
 """
 
 from __future__ import annotations
 
+import argparse
 import enum
 import os
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from instantid.face import ANTELOPEV2, DETECTOR_FILE, EMBEDDING_DIM, REQUIRED_FILES
+from instantid.layout import ARCH_NAMES, arch_for_context_dim
 
 INSIGHTFACE = "insightface antelopev2"
 ADAPTER = "InstantID adapter"
@@ -30,7 +41,6 @@ ANTELOPEV2_SUBDIR = Path("insightface") / "models" / ANTELOPEV2
 ADAPTER_SUBDIR = Path("instantid")
 CONTROLNET_SUBDIR = Path("controlnet")
 ADAPTER_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".ckpt", ".sft")
-SDXL_CROSS_ATTENTION_DIM = 2048
 IDENTITYNET_NAMES = ("instantid", "identitynet")
 DOWNLOADS = {
     INSIGHTFACE: "the antelopev2 pack (insightface model zoo), its .onnx files extracted into {where}",
@@ -38,6 +48,7 @@ DOWNLOADS = {
     CONTROLNET: "ControlNetModel/diffusion_pytorch_model.safetensors from the InstantX/InstantID repository "
     "on Hugging Face, into {where} (e.g. as instantid/diffusion_pytorch_model.safetensors)",
 }
+"""Where each part comes from (the published InstantID is for SDXL)."""
 
 
 class Status(enum.Enum):
@@ -45,33 +56,53 @@ class Status(enum.Enum):
     MISSING = "missing"
     WRONG = "wrong"
     UNSURE = "unsure"
-    """Present but not confirmable (an SDXL ControlNet not named like IdentityNet); not a failure."""
+    """Present but not confirmable (a ControlNet not named like IdentityNet, a model not inspected)."""
+    EXTRA = "extra"
+    """Present, not used by InstantID, harmless."""
 
 
 @dataclass(frozen=True)
 class Finding:
     """One observation: ``component`` (INSIGHTFACE, ADAPTER or CONTROLNET), its ``status``, the file or
-    folder it is about (where it is, or where it belongs when missing) and a sentence of ``detail``."""
+    folder it is about (where it is, or where it belongs when missing), a sentence of ``detail``, and the
+    base architecture (``"sd15"`` / ``"sdxl"``) of an adapter or ControlNet, where known."""
 
     component: str
     status: Status
     path: Path
     detail: str
+    arch: str | None = None
+
+
+def _comfyui_models_dir_of_this_pack() -> Path | None:
+    """``<ComfyUI>/models`` when this package sits in ``<ComfyUI>/custom_nodes/<pack>/instantid``."""
+    package = Path(__file__).resolve().parent
+    custom_nodes, comfyui = package.parents[1], package.parents[2]
+    if custom_nodes.name == "custom_nodes" and (comfyui / "models").is_dir():
+        return comfyui / "models"
+    return None
 
 
 def default_models_dir() -> Path:
-    """``$COMFYUI_MODELS`` when set, else ``./models``."""
-    return Path(os.environ.get("COMFYUI_MODELS") or "models")
+    """``$COMFYUI_MODELS`` when set; else ``./models`` when it exists; else the models folder of the
+    ComfyUI this pack is cloned into (run from ``ComfyUI/custom_nodes/<pack>``); else ``./models``."""
+    if os.environ.get("COMFYUI_MODELS"):
+        return Path(os.environ["COMFYUI_MODELS"])
+    local = Path("models")
+    return local if local.is_dir() else _comfyui_models_dir_of_this_pack() or local
 
 
 def has_problems(findings: Iterable[Finding]) -> bool:
-    """True when something is missing or wrong."""
+    """True when something is missing or wrong (even if one architecture is ready)."""
     return any(f.status in (Status.MISSING, Status.WRONG) for f in findings)
 
 
 def diagnose(models_dir: Path) -> list[Finding]:
-    """All three checks on ``models_dir``."""
-    return check_insightface(models_dir) + check_adapter(models_dir) + check_controlnet(models_dir)
+    """All checks on ``models_dir``. ControlNet candidates are looked for in the architectures of the
+    adapters found (in both when there is none)."""
+    adapters = check_adapter(models_dir)
+    archs = {f.arch for f in adapters if f.status is Status.OK and f.arch} or set(ARCH_NAMES)
+    return check_insightface(models_dir) + adapters + check_controlnet(models_dir, archs)
 
 
 # --- insightface ---------------------------------------------------------------------------------
@@ -89,9 +120,14 @@ def _onnx_interface(path: Path) -> tuple[list[list[int | str]], list[list[int | 
     return dims(model.graph.input), dims(model.graph.output)
 
 
-def _check_onnx(path: Path, role: str) -> Finding:
-    from google.protobuf.message import DecodeError
-
+def _read_onnx(path: Path) -> tuple[list[list[int | str]], list[list[int | str]]] | Finding:
+    """The graph interface of ``path``, or the finding that says why it cannot be read."""
+    try:
+        from google.protobuf.message import DecodeError
+    except ImportError:  # onnx is not installed (it comes with insightface)
+        return Finding(
+            INSIGHTFACE, Status.UNSURE, path, "present; not inspected (the onnx package is missing)"
+        )
     try:
         inputs, outputs = _onnx_interface(path)
     except (DecodeError, OSError, ValueError) as error:
@@ -102,6 +138,14 @@ def _check_onnx(path: Path, role: str) -> Finding:
         return Finding(
             INSIGHTFACE, Status.WRONG, path, f"not a readable ONNX model ({problem}); a truncated download?"
         )
+    return inputs, outputs
+
+
+def _check_onnx(path: Path, role: str) -> Finding:
+    read = _read_onnx(path)
+    if isinstance(read, Finding):
+        return read
+    inputs, outputs = read
     if role == DETECTOR_FILE:
         if len(outputs) != 9 or len(inputs) != 1 or len(inputs[0]) != 4:
             return Finding(
@@ -112,8 +156,7 @@ def _check_onnx(path: Path, role: str) -> Finding:
                 f"at strides 8, 16, 32); found {len(inputs)} inputs {inputs} and {len(outputs)} outputs",
             )
         return Finding(INSIGHTFACE, Status.OK, path, "SCRFD face detector with keypoints")
-    shape = inputs[0] if inputs else []
-    out = outputs[0] if outputs else []
+    shape, out = inputs[0], outputs[0]
     if len(shape) != 4 or shape[2:] != [112, 112] or len(outputs) != 1 or out[-1:] != [EMBEDDING_DIM]:
         return Finding(
             INSIGHTFACE,
@@ -125,8 +168,19 @@ def _check_onnx(path: Path, role: str) -> Finding:
     return Finding(INSIGHTFACE, Status.OK, path, f"ArcFace recognizer, {EMBEDDING_DIM}-d embeddings")
 
 
+def _check_extra_onnx(path: Path) -> Finding:
+    read = _read_onnx(path)
+    if isinstance(read, Finding):
+        if read.status is Status.WRONG:
+            detail = f"{read.detail} insightface opens every .onnx file in this folder: replace or remove it"
+            return Finding(INSIGHTFACE, Status.WRONG, path, detail)
+        return read
+    return Finding(INSIGHTFACE, Status.EXTRA, path, "part of the antelopev2 pack; not used by InstantID")
+
+
 def check_insightface(models_dir: Path) -> list[Finding]:
-    """The antelopev2 detector and recognizer under ``models_dir/insightface/models/antelopev2``."""
+    """The antelopev2 detector and recognizer under ``models_dir/insightface/models/antelopev2``, and
+    the folder's other ``.onnx`` files (extra)."""
     folder = models_dir / ANTELOPEV2_SUBDIR
     findings = []
     for name in REQUIRED_FILES:
@@ -142,45 +196,50 @@ def check_insightface(models_dir: Path) -> list[Finding]:
         else:
             detail = f"{name} belongs here: download " + DOWNLOADS[INSIGHTFACE].format(where=folder)
         findings.append(Finding(INSIGHTFACE, Status.MISSING, path, detail))
-    return findings
+    extra = sorted(p for p in folder.glob("*.onnx") if p.is_file() and p.name not in REQUIRED_FILES)
+    return findings + [_check_extra_onnx(path) for path in extra]
 
 
 # --- the adapter ---------------------------------------------------------------------------------
 
 
-def check_adapter(models_dir: Path) -> list[Finding]:
-    """Every adapter-like file in ``models_dir/instantid``, validated with ``load_instantid``."""
+def _check_adapter_file(path: Path) -> Finding:
     from instantid.weights import AdapterFormatError, load_instantid
 
+    try:
+        weights = load_instantid(path)
+    except (AdapterFormatError, OSError) as error:
+        return Finding(ADAPTER, Status.WRONG, path, str(error))
+    return Finding(
+        ADAPTER,
+        Status.OK,
+        path,
+        f"InstantID adapter for {ARCH_NAMES[weights.arch]} ({weights.num_layers} cross-attention layers, "
+        f"{weights.cross_attention_dim}-d, {str(weights.dtype).removeprefix('torch.')})",
+        weights.arch,
+    )
+
+
+def check_adapter(models_dir: Path) -> list[Finding]:
+    """Every adapter-like file in ``models_dir/instantid``, validated with ``load_instantid``; other
+    files there are listed as extra."""
     folder = models_dir / ADAPTER_SUBDIR
-    files = sorted(p for p in folder.glob("*") if p.is_file() and p.suffix.lower() in ADAPTER_SUFFIXES)
-    if not files:
-        return [
-            Finding(
-                ADAPTER,
-                Status.MISSING,
-                folder,
-                f"no {'/'.join(ADAPTER_SUFFIXES)} file here: download "
-                + DOWNLOADS[ADAPTER].format(where=folder),
-            )
-        ]
-    findings = []
-    for path in files:
-        try:
-            weights = load_instantid(path)
-        except (AdapterFormatError, OSError) as error:
-            findings.append(Finding(ADAPTER, Status.WRONG, path, str(error)))
-            continue
-        findings.append(
-            Finding(
-                ADAPTER,
-                Status.OK,
-                path,
-                f"InstantID adapter for {weights.arch} ({weights.num_layers} cross-attention layers, "
-                f"{str(weights.dtype).removeprefix('torch.')})",
-            )
+    files = sorted(p for p in folder.glob("*") if p.is_file())
+    models = [p for p in files if p.suffix.lower() in ADAPTER_SUFFIXES]
+    extra = [
+        Finding(ADAPTER, Status.EXTRA, p, "not a model file; the loader does not list it")
+        for p in files
+        if p not in models
+    ]
+    if not models:
+        missing = Finding(
+            ADAPTER,
+            Status.MISSING,
+            folder,
+            f"no {'/'.join(ADAPTER_SUFFIXES)} file here: download " + DOWNLOADS[ADAPTER].format(where=folder),
         )
-    return findings
+        return [missing, *extra]
+    return [_check_adapter_file(path) for path in models] + extra
 
 
 # --- the ControlNet ------------------------------------------------------------------------------
@@ -190,7 +249,8 @@ def check_adapter(models_dir: Path) -> list[Finding]:
 class _Checkpoint:
     kind: str
     """What the header shows, in words."""
-    sdxl_controlnet: bool
+    arch: str | None = None
+    """The base architecture of a ControlNet whose cross-attention width is SD1.5's or SDXL's."""
     is_adapter: bool = False
 
 
@@ -201,6 +261,12 @@ def _header_shapes(path: Path) -> dict[str, list[int]]:
         return {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
 
 
+def _supported_widths() -> str:
+    from instantid.layout import ARCHS
+
+    return ", ".join(f"{name} {ARCHS[arch]['cross_attention_dim']}" for arch, name in ARCH_NAMES.items())
+
+
 def _classify(shapes: dict[str, list[int]]) -> _Checkpoint:
     keys = list(shapes)
 
@@ -208,28 +274,26 @@ def _classify(shapes: dict[str, list[int]]) -> _Checkpoint:
         return any(k.startswith(prefixes) for k in keys)
 
     if starts("image_proj.") and starts("ip_adapter."):
-        return _Checkpoint(
-            "an adapter (image_proj / ip_adapter keys), not a ControlNet", False, is_adapter=True
-        )
+        return _Checkpoint("an adapter (image_proj / ip_adapter keys), not a ControlNet", is_adapter=True)
     diffusers = "controlnet_cond_embedding.conv_in.weight" in shapes
     ldm = starts("input_hint_block.", "control_model.input_hint_block.")
     if not (diffusers or ldm):
         if starts("model.diffusion_model.", "down_blocks.", "conv_in."):
-            return _Checkpoint("a UNet / Stable Diffusion checkpoint, not a ControlNet", False)
+            return _Checkpoint("a UNet / Stable Diffusion checkpoint, not a ControlNet")
         if any("lora" in k for k in keys):
-            return _Checkpoint("a LoRA, not a ControlNet", False)
-        return _Checkpoint(f"not a ControlNet ({len(keys)} keys, e.g. {', '.join(keys[:3])})", False)
+            return _Checkpoint("a LoRA, not a ControlNet")
+        return _Checkpoint(f"not a ControlNet ({len(keys)} keys, e.g. {', '.join(keys[:3])})")
     layout = "diffusers" if diffusers else "ComfyUI/ldm"
     cross = sorted({shapes[k][-1] for k in keys if k.endswith("attn2.to_k.weight")})
     if not cross:
-        return _Checkpoint(f"a {layout} ControlNet without cross-attention layers", False)
-    if cross != [SDXL_CROSS_ATTENTION_DIM]:
+        return _Checkpoint(f"a {layout} ControlNet without cross-attention layers")
+    arch = arch_for_context_dim(cross[0]) if len(cross) == 1 else None
+    if arch is None:
         return _Checkpoint(
-            f"a {layout} ControlNet for another base model (cross-attention dim {cross}, SDXL's is "
-            f"{SDXL_CROSS_ATTENTION_DIM})",
-            False,
+            f"a {layout} ControlNet for neither SD1.5 nor SDXL (cross-attention dim {cross}; "
+            f"InstantID supports {_supported_widths()})"
         )
-    return _Checkpoint(f"an SDXL ControlNet ({layout} layout)", True)
+    return _Checkpoint(f"an {ARCH_NAMES[arch]} ControlNet ({layout} layout)", arch)
 
 
 def _named_like_identitynet(path: Path) -> bool:
@@ -237,106 +301,238 @@ def _named_like_identitynet(path: Path) -> bool:
     return any(name in lowered for name in IDENTITYNET_NAMES)
 
 
-def check_controlnet(models_dir: Path) -> list[Finding]:
-    """The IdentityNet ControlNet among ``models_dir/controlnet/**/*.safetensors``."""
+def _inspect(path: Path) -> _Checkpoint | str:
+    """What the safetensors file at ``path`` holds, or why it cannot be read."""
     from safetensors import SafetensorError
 
+    try:
+        return _classify(_header_shapes(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        return f"not a readable safetensors file ({error})"
+
+
+def _controlnet_finding(models_dir: Path, path: Path, checkpoint: _Checkpoint | str) -> Finding:
+    """The finding for one file of the controlnet folder named like IdentityNet (or holding an adapter)."""
+    if isinstance(checkpoint, str):
+        return Finding(CONTROLNET, Status.WRONG, path, checkpoint)
+    if checkpoint.is_adapter:
+        detail = f"{checkpoint.kind}: an InstantID adapter belongs in {models_dir / ADAPTER_SUBDIR}"
+        return Finding(CONTROLNET, Status.WRONG, path, detail)
+    if checkpoint.arch:
+        return Finding(CONTROLNET, Status.OK, path, checkpoint.kind, checkpoint.arch)
+    detail = (
+        f"{checkpoint.kind}; expected IdentityNet, a ControlNet for SD1.5 or SDXL ({_supported_widths()})"
+    )
+    return Finding(CONTROLNET, Status.WRONG, path, detail)
+
+
+def _candidates_finding(folder: Path, arch: str, candidates: list[Path]) -> Finding:
+    names = ", ".join(str(p.relative_to(folder)) for p in candidates)
+    return Finding(
+        CONTROLNET,
+        Status.UNSURE,
+        folder,
+        f"no {ARCH_NAMES[arch]} file named like IdentityNet ({' or '.join(IDENTITYNET_NAMES)} in its path); "
+        f"these {ARCH_NAMES[arch]} ControlNets have its architecture: {names}. If none is IdentityNet, download "
+        + DOWNLOADS[CONTROLNET].format(where=folder),
+        arch,
+    )
+
+
+def check_controlnet(models_dir: Path, archs: Iterable[str] = tuple(ARCH_NAMES)) -> list[Finding]:
+    """The IdentityNet ControlNet(s) among ``models_dir/controlnet/**/*.safetensors``.
+
+    Files named like IdentityNet are OK (with their architecture) or wrong; an adapter there is wrong.
+    For each of ``archs`` without a named IdentityNet, the ControlNets of that architecture are listed
+    as unconfirmed candidates. Missing when nothing fits at all.
+    """
     folder = models_dir / CONTROLNET_SUBDIR
     findings: list[Finding] = []
-    candidates: list[Path] = []
+    candidates: dict[str, list[Path]] = {}
     for path in sorted(folder.rglob("*")):
         if not path.is_file():
             continue
-        rel = path.relative_to(folder)
-        named = _named_like_identitynet(rel)
+        named = _named_like_identitynet(path.relative_to(folder))
         if path.suffix.lower() not in (".safetensors", ".sft"):
             if named and path.suffix.lower() in ADAPTER_SUFFIXES:
-                findings.append(
-                    Finding(
-                        CONTROLNET,
-                        Status.WRONG,
-                        path,
-                        "a pickle checkpoint, not inspected; IdentityNet is published as safetensors (and an "
-                        f"ip-adapter.bin belongs in {models_dir / ADAPTER_SUBDIR})",
-                    )
+                detail = (
+                    "a pickle checkpoint, not inspected; IdentityNet is published as safetensors (and an "
+                    f"ip-adapter.bin belongs in {models_dir / ADAPTER_SUBDIR})"
                 )
+                findings.append(Finding(CONTROLNET, Status.WRONG, path, detail))
             continue
-        try:
-            checkpoint = _classify(_header_shapes(path))
-        except (SafetensorError, OSError, ValueError) as error:
-            if named:
-                findings.append(
-                    Finding(CONTROLNET, Status.WRONG, path, f"not a readable safetensors file ({error})")
-                )
-            continue
-        if checkpoint.is_adapter:
-            findings.append(
-                Finding(
-                    CONTROLNET,
-                    Status.WRONG,
-                    path,
-                    f"{checkpoint.kind}: an InstantID adapter belongs in {models_dir / ADAPTER_SUBDIR}",
-                )
-            )
-        elif named and checkpoint.sdxl_controlnet:
-            findings.append(Finding(CONTROLNET, Status.OK, path, checkpoint.kind))
-        elif named:
-            findings.append(
-                Finding(
-                    CONTROLNET,
-                    Status.WRONG,
-                    path,
-                    f"{checkpoint.kind}; expected IdentityNet, an SDXL ControlNet "
-                    f"(cross-attention dim {SDXL_CROSS_ATTENTION_DIM})",
-                )
-            )
-        elif checkpoint.sdxl_controlnet:
-            candidates.append(path)
-    if any(f.status is Status.OK for f in findings):
-        return findings
-    if candidates:
-        names = ", ".join(str(p.relative_to(folder)) for p in candidates)
-        findings.append(
-            Finding(
-                CONTROLNET,
-                Status.UNSURE,
-                folder,
-                f"no file named like IdentityNet ({' or '.join(IDENTITYNET_NAMES)} in its path); these SDXL "
-                f"ControlNets have its architecture: {names}. If none is IdentityNet, download "
-                + DOWNLOADS[CONTROLNET].format(where=folder),
-            )
-        )
-    elif not any(f.status is Status.WRONG for f in findings):
-        findings.append(
-            Finding(
-                CONTROLNET,
-                Status.MISSING,
-                folder,
-                "no SDXL ControlNet here: download " + DOWNLOADS[CONTROLNET].format(where=folder),
-            )
-        )
+        checkpoint = _inspect(path)
+        if named or (isinstance(checkpoint, _Checkpoint) and checkpoint.is_adapter):
+            findings.append(_controlnet_finding(models_dir, path, checkpoint))
+        elif isinstance(checkpoint, _Checkpoint) and checkpoint.arch:
+            candidates.setdefault(checkpoint.arch, []).append(path)
+    confirmed = {f.arch for f in findings if f.status is Status.OK}
+    for arch in sorted(set(archs) - confirmed):
+        if candidates.get(arch):
+            findings.append(_candidates_finding(folder, arch, candidates[arch]))
+    if not any(f.status in (Status.OK, Status.UNSURE, Status.WRONG) for f in findings):
+        detail = "no IdentityNet ControlNet here: download " + DOWNLOADS[CONTROLNET].format(where=folder)
+        findings.append(Finding(CONTROLNET, Status.MISSING, folder, detail))
     return findings
+
+
+# --- per architecture ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """What one base architecture has: the antelopev2 models (shared by all), its adapters, its IdentityNet
+    ControlNets, and ControlNets of its architecture that may be IdentityNet (``candidates``)."""
+
+    arch: str
+    antelopev2: bool
+    adapters: tuple[Path, ...]
+    identitynets: tuple[Path, ...]
+    candidates: bool
+
+    @property
+    def ready(self) -> bool:
+        """Everything InstantID needs for this architecture is there (an unconfirmed IdentityNet counts)."""
+        return self.antelopev2 and bool(self.adapters) and (bool(self.identitynets) or self.candidates)
+
+    def missing(self) -> list[str]:
+        """What this architecture lacks, in words."""
+        name = ARCH_NAMES[self.arch]
+        needs = [
+            (self.adapters, f"an InstantID adapter for {name}"),
+            (self.identitynets or self.candidates, f"an IdentityNet ControlNet for {name}"),
+            (self.antelopev2, "the antelopev2 face models"),
+        ]
+        return [what for present, what in needs if not present]
+
+
+def readiness(findings: Sequence[Finding]) -> list[Readiness]:
+    """Per architecture (SD1.5, SDXL), what of it ``findings`` show to be in place."""
+    antelopev2 = all(
+        any(
+            f.component == INSIGHTFACE and f.path.name == name and f.status in (Status.OK, Status.UNSURE)
+            for f in findings
+        )
+        for name in REQUIRED_FILES
+    )
+
+    def paths(component: str, arch: str, status: Status = Status.OK) -> tuple[Path, ...]:
+        return tuple(
+            f.path for f in findings if f.component == component and f.arch == arch and f.status is status
+        )
+
+    return [
+        Readiness(
+            arch,
+            antelopev2,
+            paths(ADAPTER, arch),
+            paths(CONTROLNET, arch),
+            bool(paths(CONTROLNET, arch, Status.UNSURE)),
+        )
+        for arch in ARCH_NAMES
+    ]
 
 
 # --- report --------------------------------------------------------------------------------------
 
 
+def _relative(path: Path, models_dir: Path) -> Path:
+    try:
+        return path.relative_to(models_dir)
+    except ValueError:
+        return path
+
+
+def _arch_line(state: Readiness, models_dir: Path) -> str:
+    name = f"{ARCH_NAMES[state.arch]}:"
+    if state.ready:
+        identitynet = (
+            ", ".join(str(_relative(p, models_dir)) for p in state.identitynets)
+            or "unconfirmed (see the candidates above)"
+        )
+        adapters = ", ".join(str(_relative(p, models_dir)) for p in state.adapters)
+        return f"  {name:6} ready: adapter {adapters}; IdentityNet {identitynet}; antelopev2"
+    return f"  {name:6} missing {', '.join(state.missing())}"
+
+
+def _mismatch_line(states: Sequence[Readiness]) -> str | None:
+    """A sentence when the adapters and the IdentityNets found are all for different architectures."""
+    with_adapter = [ARCH_NAMES[s.arch] for s in states if s.adapters]
+    with_identitynet = [ARCH_NAMES[s.arch] for s in states if s.identitynets]
+    if not with_adapter or not with_identitynet or set(with_adapter) & set(with_identitynet):
+        return None
+    return (
+        f"  The InstantID adapter is for {' and '.join(with_adapter)} but the IdentityNet ControlNet is for "
+        f"{' and '.join(with_identitynet)}: they do not match; both must be for the same base model."
+    )
+
+
 def format_report(models_dir: Path, findings: Iterable[Finding]) -> str:
-    """A plain-text table of ``findings`` (paths relative to ``models_dir``) and a summary line."""
+    """A plain-text table of ``findings`` (paths relative to ``models_dir``), one line per architecture,
+    and a summary line ("Ready for SD1.5.", "Ready for SD1.5 and SDXL." or "Not ready ...")."""
     findings = list(findings)
     lines = [f"InstantID doctor: {models_dir.resolve()}"]
     for f in findings:
-        try:
-            where = f.path.relative_to(models_dir)
-        except ValueError:
-            where = f.path
-        lines.append(f"  [{f.status.value:7}] {f.component:23} {where}")
+        lines.append(f"  [{f.status.value:7}] {f.component:23} {_relative(f.path, models_dir)}")
         lines.append(f"            {f.detail}")
-    counts = {s: sum(f.status is s for f in findings) for s in Status}
-    if has_problems(findings):
-        lines.append(
-            f"{counts[Status.MISSING]} missing, {counts[Status.WRONG]} wrong: InstantID will not run yet."
-        )
+    states = readiness(findings)
+    lines.append("Per base model:")
+    lines += [_arch_line(state, models_dir) for state in states]
+    mismatch = _mismatch_line(states)
+    lines += [mismatch] if mismatch else []
+    ready = [ARCH_NAMES[s.arch] for s in states if s.ready]
+    wrong = sum(f.status is Status.WRONG for f in findings)
+    note = f" {wrong} wrong file(s) listed above." if wrong else ""
+    if ready:
+        lines.append(f"Ready for {' and '.join(ready)}.{note}")
     else:
-        lines.append("Everything InstantID needs is in place.")
+        lines.append(
+            f"Not ready for {' or '.join(ARCH_NAMES.values())} yet: see what is missing above.{note}"
+        )
     return "\n".join(lines)
+
+
+# --- command line --------------------------------------------------------------------------------
+
+DESCRIPTION = (
+    "Check MODELS_DIR for insightface/models/antelopev2, instantid/ and controlnet/; print what is present, "
+    "missing or wrong and where each file belongs, and per base model (SD1.5, SDXL) whether the adapter, "
+    "the IdentityNet ControlNet and antelopev2 are complete and match. Exit status 0 when at least one base "
+    "model is ready, 1 when none is, 2 when MODELS_DIR is not a folder."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The doctor's command-line arguments (shared by ``python -m instantid.doctor`` and ``instantid doctor``)."""
+    parser.add_argument(
+        "models_dir",
+        nargs="?",
+        type=Path,
+        metavar="MODELS_DIR",
+        help="the ComfyUI models folder (default: $COMFYUI_MODELS, else ./models, else the models folder of "
+        "the ComfyUI this pack is cloned into)",
+    )
+
+
+def run(models_dir: Path | None = None) -> int:
+    """Print the report for ``models_dir`` (default: ``default_models_dir()``) and return the exit status."""
+    models_dir = models_dir or default_models_dir()
+    if not models_dir.is_dir():
+        print(
+            f"instantid doctor: {models_dir} is not a folder; pass the ComfyUI models folder", file=sys.stderr
+        )
+        return 2
+    findings = diagnose(models_dir)
+    print(format_report(models_dir, findings))
+    return 0 if any(state.ready for state in readiness(findings)) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m instantid.doctor [MODELS_DIR]``."""
+    parser = argparse.ArgumentParser(prog="python -m instantid.doctor", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv).models_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
