@@ -150,11 +150,9 @@ def test_interface_matches_comfyui_instantid(pack: dict[str, type]) -> None:
     """Input order, defaults and ranges of the widgets users have saved (as ComfyUI_InstantID declares them)."""
 
     def widgets(name: str) -> list[tuple[str, Any]]:
-        return [
-            (key, spec[1] if len(spec) > 1 else spec[0])
-            for key, spec in _inputs(pack[name]).items()
-            if _is_widget(spec)
-        ]
+        """(input, options or choices) of each widget; the tooltips this pack adds are left out."""
+        options = {key: {k: v for k, v in (spec[1:] or [{}])[0].items() if k != "tooltip"} for key, spec in _inputs(pack[name]).items()}
+        return [(key, options[key] or spec[0]) for key, spec in _inputs(pack[name]).items() if _is_widget(spec)]
 
     def float_spec(default: float, low: float, high: float, step: float) -> dict[str, float]:
         return {"default": default, "min": low, "max": high, "step": step}
