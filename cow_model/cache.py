@@ -13,8 +13,13 @@ argument matches the one it was computed from:
   they are small (``max_snapshot_numel`` elements) and compares contents; larger inference
   tensors are compared by identity and data pointer only, which is documented as the one
   blind spot (an in-place write inside inference mode to a large tensor);
-- other arguments are compared by equality (they must be hashable); tuples, lists, dicts and
-  dataclass instances are looked into.
+- other arguments are compared by type and value (they must be hashable): ``2``, ``2.0`` and
+  ``True`` are different keys, although Python's ``==`` calls them equal. Floats (and complex
+  numbers, and numpy scalars) are compared by their exact value: ``-0.0`` and ``0.0`` differ, and
+  NaN matches NaN (where ``==`` says it matches nothing). Other hashable objects are compared by
+  their own ``==`` and ``hash``. Tuples, lists, dicts, frozensets and dataclass instances are
+  looked into, with their types; a dict's key order is part of its key (another order is a miss,
+  never a wrong hit).
 
 Entries hold weak references to their tensor arguments, so the cache never keeps inputs alive;
 results are held strongly, at most ``maxsize`` of them (least recently used dropped first).
@@ -24,6 +29,7 @@ Thread-safe.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -110,24 +116,49 @@ class PatchCache:
 
 
 def _key(value: Any, tensors: list[torch.Tensor], where: str) -> Hashable:
-    """A hashable stand-in for ``value``; tensors become positions in ``tensors``."""
+    """A hashable stand-in for ``value`` that equals another's only for the same type and value.
+
+    Tensors become positions in ``tensors``; floats become their exact hexadecimal value (NaN one key).
+    """
     if isinstance(value, torch.Tensor):
         tensors.append(value)
         return ("tensor", id(value))
+    cls = type(value)
     if isinstance(value, (tuple, list)):
-        return (type(value).__name__, tuple(_key(item, tensors, f"{where}[{i}]") for i, item in enumerate(value)))
+        return (cls, tuple(_key(item, tensors, f"{where}[{i}]") for i, item in enumerate(value)))
     if isinstance(value, dict):
-        return ("dict", tuple((k, _key(v, tensors, f"{where}[{k!r}]")) for k, v in value.items()))
+        return (
+            cls,
+            tuple(
+                (_key(k, tensors, f"{where} key {k!r}"), _key(v, tensors, f"{where}[{k!r}]"))
+                for k, v in value.items()
+            ),
+        )
+    if isinstance(value, frozenset):
+        return (cls, frozenset(_key(item, tensors, f"{where} item") for item in value))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = tuple(
-            (f.name, _key(getattr(value, f.name), tensors, f"{where}.{f.name}")) for f in dataclasses.fields(value)
+            (f.name, _key(getattr(value, f.name), tensors, f"{where}.{f.name}"))
+            for f in dataclasses.fields(value)
         )
-        return (type(value), fields)
+        return (cls, fields)
+    if isinstance(value, float):
+        return (cls, _float_key(value))
+    if isinstance(value, complex):
+        return (cls, _float_key(value.real), _float_key(value.imag))
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, numpy.generic) and not isinstance(value, numpy.object_):
+        return (cls, _key(value.item(), tensors, where))
     try:
         hash(value)
     except TypeError:
         raise TypeError(
-            f"PatchCache cannot key {where}: {type(value).__name__} is neither a tensor, a tuple/list/dict or "
+            f"PatchCache cannot key {where}: {cls.__name__} is neither a tensor, a tuple/list/dict or "
             "dataclass of them, nor hashable"
         ) from None
-    return value
+    return (cls, value)
+
+
+def _float_key(value: float) -> str:
+    """The exact value: ``-0.0`` and ``0.0`` differ, every NaN is ``"nan"``."""
+    return float.hex(value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 
 import pytest
 import torch
@@ -98,3 +99,107 @@ def test_unhashable_arguments_are_a_clear_type_error() -> None:
         PatchCache()(len, {1, 2})
     with pytest.raises(ValueError, match="maxsize >= 1"):
         PatchCache(maxsize=0)
+
+
+def test_equal_values_of_different_types_are_different_keys() -> None:
+    cache = PatchCache()
+    seen: list[object] = []
+
+    def record(value: object) -> str:
+        seen.append(value)
+        return f"{type(value).__name__}:{value!r}"
+
+    values: list[object] = [
+        2,
+        2.0,
+        True,
+        1,
+        1.0,
+        2 + 0j,
+        (2,),
+        [2],
+        (2.0,),
+        {"k": 2},
+        {"k": 2.0},
+        {2: "v"},
+        {2.0: "v"},
+    ]
+    results = [cache(record, value) for value in values]
+    assert results == [f"{type(v).__name__}:{v!r}" for v in values], "each value got its own result"
+    assert len(seen) == len(values), "no value hit another's entry"
+    assert [cache(record, value) for value in values] == results and len(seen) == len(values), (
+        "each hits its own"
+    )
+
+
+def test_signed_zeros_differ_and_nan_matches_nan() -> None:
+    cache = PatchCache()
+    calls: list[float] = []
+
+    def sign(x: float) -> float:
+        calls.append(x)
+        return math.copysign(1.0, x)
+
+    assert cache(sign, 0.0) == 1.0
+    assert cache(sign, -0.0) == -1.0, "-0.0 must not hit 0.0's entry"
+    assert len(calls) == 2
+    nan_calls = len(calls)
+    first = cache(sign, float("nan"))
+    assert cache(sign, float("nan")) == first and len(calls) == nan_calls + 1, (
+        "a new NaN object hits NaN's entry"
+    )
+    complex_calls: list[complex] = []
+
+    def identity(z: complex) -> complex:
+        complex_calls.append(z)
+        return z
+
+    cache(identity, complex(0.0, 0.0))
+    cache(identity, complex(0.0, -0.0))
+    cache(identity, complex(float("nan"), 1.0))
+    cache(identity, complex(float("nan"), 1.0))
+    assert len(complex_calls) == 3
+
+
+def test_nested_floats_are_keyed_exactly() -> None:
+    cache = PatchCache()
+    calls: list[object] = []
+
+    def run(options: object) -> int:
+        calls.append(options)
+        return len(calls)
+
+    steps = [
+        ({"scale": 0.0, "weights": (1.0, float("nan"))}, 1),
+        ({"scale": 0.0, "weights": (1.0, float("nan"))}, 1),  # a hit: NaN matches NaN, nested
+        ({"scale": -0.0, "weights": (1.0, float("nan"))}, 2),  # a miss: -0.0
+        ({"scale": 0, "weights": (1.0, float("nan"))}, 3),  # a miss: int 0
+        ({"scale": False, "weights": (1.0, float("nan"))}, 4),  # a miss: bool
+        (frozenset({-0.0}), 5),
+        (frozenset({0.0}), 6),
+        (frozenset({0.0}), 6),
+    ]
+    for options, expected_calls in steps:
+        cache(run, options)
+        assert len(calls) == expected_calls, options
+
+
+def test_numpy_scalars_are_keyed_by_type_and_exact_value() -> None:
+    np = pytest.importorskip("numpy")
+    cache = PatchCache()
+    calls: list[object] = []
+
+    def run(x: object) -> int:
+        calls.append(x)
+        return len(calls)
+
+    for value in (
+        np.float32(0.0),
+        np.float32(-0.0),
+        np.float64(0.0),
+        0.0,
+        np.float32("nan"),
+        np.float32("nan"),
+    ):
+        cache(run, value)
+    assert len(calls) == 5
