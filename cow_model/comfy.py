@@ -18,17 +18,35 @@ functions, and objects whose class sets ``__cow_shared__ = True`` or was passed 
 ``module.weight.data = ...``, ``shared_object.attr = ...``) after it was placed in options changes it
 for every clone that shares it; ComfyUI's stock clone would have isolated that.
 
-Every other field of the new patcher is set by the installed ComfyUI's own ``clone()`` (it runs,
-with the patcher's ``model_options`` swapped for a stand-in whose ``__deepcopy__`` is
-``cow_copy``), so fields added by newer ComfyUI versions keep working. Where the patcher cannot be
-handled that way (its ``model_options`` is not a dict, its ``clone()`` does not deep-copy
-``model_options``), the stock ``clone()`` result is returned and one warning per process is logged.
-A ``clone()`` found not to deep-copy ``model_options`` has run once with the stand-in by then; that
-result is dropped, the stock ``clone()`` runs again, and later calls go to it directly.
+Every other field of the new patcher is set by the installed ComfyUI's own ``clone()``, so fields
+added by newer ComfyUI versions keep working. It runs with the patcher's ``model_options`` swapped
+for a stand-in: a ``dict`` subclass with the same items whose ``__deepcopy__`` first puts the
+patcher's own ``model_options`` back, then copies it with ``cow_copy``. The stand-in is therefore
+seen only by that ``copy.deepcopy(self.model_options)``: everything ``clone()`` does after the copy
+(the rest of its fields, ``on_model_patcher_clone`` of attachments, the clones of additional models,
+and the ``CallbacksMP.ON_CLONE`` callbacks that ComfyUI since late 2024 runs at the end of
+``clone()`` as ``callback(self, n)``) sees the patcher's own options object, and what a callback
+writes into it stays there. :func:`install` accepts only a ``clone()`` whose source reads
+``self.model_options`` first in that deep copy, and swaps right before calling it, so nothing reads
+the options between the swap and the copy. (:func:`cow_clone` on a class whose ``clone`` is a
+subclass override or another pack's wrapper swaps before calling that: code of theirs that reads
+``self.model_options`` before the copy sees the stand-in, with the same items.) The patcher's own
+options are put back also when ``clone()`` raises or never copies. ComfyUI runs nodes on one
+thread, so no other node sees the stand-in.
 
-While the stock ``clone()`` runs, the original patcher's ``model_options`` attribute holds the
-stand-in (a ``dict`` subclass with the same items); it is put back before ``cow_clone`` returns,
-also when ``clone()`` raises. ComfyUI runs nodes on one thread, so no other node sees it.
+Where the patcher cannot be handled that way (its ``model_options`` is not a dict, its ``clone()``
+does not deep-copy ``model_options``), the stock ``clone()`` result is returned and one warning per
+process is logged. A ``clone()`` found not to deep-copy ``model_options`` has run once with the
+stand-in by then; that result is dropped, the stock ``clone()`` runs again, and later calls go to it
+directly.
+
+The installed ``clone`` is recognised by identity (a registry of the functions :func:`install`
+made), never by an attribute: ``functools.wraps`` copies a function's attributes, so another node
+pack wrapping ``ModelPatcher.clone`` after :func:`install` must not pass for it. :func:`cow_clone`
+then calls that pack's wrapper (which reaches the installed function inside, which sees the
+stand-in and lets the stock ``clone()`` copy through it). :func:`uninstall` removes only its own
+function: when another pack's wrapper sits around it, it leaves the wrapper in place, switches the
+cow copy inside it off (the stock ``clone()`` runs there) and says so in a warning.
 
 ComfyUI is imported lazily: importing this module needs no ComfyUI; :func:`install` without an
 explicit class imports ``comfy.model_patcher``.
@@ -36,6 +54,7 @@ explicit class imports ``comfy.model_patcher``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -58,8 +77,22 @@ _FALSE = frozenset({"", "0", "false", "no", "off"})
 # The stock clone() deep-copies model_options with this call (ComfyUI of 2024 and 2025/2026).
 _DEEPCOPY_OF_OPTIONS = re.compile(r"copy\.deepcopy\(\s*self\.model_options\s*\)")
 
-_STOCK_ATTR = "__cow_stock_clone__"
-"""Attribute of an installed ``clone`` that holds the stock function it replaced."""
+# The first read of self.model_options in a recognised clone() is that deep copy.
+_FIRST_OPTIONS_READ = re.compile(r"self\.model_options\b")
+
+
+@dataclasses.dataclass(eq=False)
+class _Installed:
+    """A ``clone`` function that :func:`install` made: the stock one it replaced, and whether it is on."""
+
+    cls: type
+    stock: Callable[..., Any]
+    function: Callable[..., Any] | None = None
+    active: bool = True
+
+
+_installed: dict[int, _Installed] = {}
+"""``id(function)`` -> its record, for every function :func:`install` made (the record keeps it alive)."""
 
 _warned: set[str] = set()
 _unsupported: set[Callable[..., Any]] = set()
@@ -73,19 +106,27 @@ def _warn_once(key: str, message: str, *args: object) -> None:
 
 
 class _CowCopiedOptions(dict[Any, Any]):
-    """Stand-in for a patcher's ``model_options`` during a stock ``clone()``: deep-copied by ``cow_copy``.
+    """Stand-in for a patcher's ``model_options`` until the stock ``clone()`` deep-copies it.
 
-    Holds the same items as the original, so a ``clone()`` that reads them sees the same values.
+    Holds the same items as the original. Its ``__deepcopy__`` puts the original back on the
+    patcher first, so nothing after the copy sees the stand-in, then copies it with ``cow_copy``.
     """
 
-    __slots__ = ("copied", "original")
+    __slots__ = ("copied", "original", "patcher")
 
-    def __init__(self, original: dict[Any, Any]) -> None:
+    def __init__(self, patcher: Any, original: dict[Any, Any]) -> None:
         super().__init__(original)
+        self.patcher = patcher
         self.original = original
         self.copied = False
 
+    def restore(self) -> None:
+        """Put the patcher's own ``model_options`` back, if this stand-in is still in its place."""
+        if getattr(self.patcher, "model_options", None) is self:
+            self.patcher.model_options = self.original
+
     def __deepcopy__(self, memo: Memo) -> dict[Any, Any]:
+        self.restore()
         self.copied = True
         return cow_copy(self.original, memo)
 
@@ -95,7 +136,7 @@ def _clone_with_cow_options(stock_clone: Callable[..., Any], patcher: Any, *args
     if stock_clone in _unsupported:
         return stock_clone(patcher, *args, **kwargs)
     options = getattr(patcher, "model_options", None)
-    if isinstance(options, _CowCopiedOptions):  # a nested clone() (a subclass calling super().clone())
+    if isinstance(options, _CowCopiedOptions):  # a nested clone(): a wrapper or subclass around this one
         return stock_clone(patcher, *args, **kwargs)
     if type(options) is not dict:
         _warn_once(
@@ -105,12 +146,12 @@ def _clone_with_cow_options(stock_clone: Callable[..., Any], patcher: Any, *args
             type(options).__name__,
         )
         return stock_clone(patcher, *args, **kwargs)
-    stand_in = _CowCopiedOptions(options)
+    stand_in = _CowCopiedOptions(patcher, options)
     patcher.model_options = stand_in
     try:
         clone = stock_clone(patcher, *args, **kwargs)
     finally:
-        patcher.model_options = options
+        stand_in.restore()
     if stand_in.copied:
         return clone
     _unsupported.add(stock_clone)
@@ -123,6 +164,25 @@ def _clone_with_cow_options(stock_clone: Callable[..., Any], patcher: Any, *args
     return stock_clone(patcher, *args, **kwargs)
 
 
+def _record_of(function: object) -> _Installed | None:
+    """The record of ``function`` if :func:`install` made it (by identity), else ``None``."""
+    record = _installed.get(id(function))
+    return record if record is not None and record.function is function else None
+
+
+def _installed_inside(function: object) -> _Installed | None:
+    """The record of an installed function that ``function`` is or wraps (``functools.wraps``' ``__wrapped__``)."""
+    seen: set[int] = set()
+    current: object = function
+    while current is not None and id(current) not in seen:
+        record = _record_of(current)
+        if record is not None:
+            return record
+        seen.add(id(current))
+        current = getattr(current, "__wrapped__", None)
+    return None
+
+
 def _stock_clone_of(cls: type) -> Callable[..., Any]:
     """The ``clone`` function of ``cls``, unwrapped if :func:`install` replaced it."""
     method = getattr(cls, "clone", None)
@@ -130,8 +190,8 @@ def _stock_clone_of(cls: type) -> Callable[..., Any]:
         raise TypeError(
             f"cow_clone needs a ComfyUI ModelPatcher (an object with a clone() method); got {cls.__qualname__}"
         )
-    stock: Callable[..., Any] = getattr(method, _STOCK_ATTR, method)
-    return stock
+    record = _record_of(method)
+    return method if record is None else record.stock
 
 
 def cow_clone(model_patcher: Any, *args: Any, **kwargs: Any) -> Any:
@@ -158,31 +218,50 @@ def _model_patcher_class() -> type:
 
 
 def _recognised(stock_clone: Callable[..., Any]) -> bool:
-    """Whether ``stock_clone``'s source deep-copies ``self.model_options`` as the known ComfyUI versions do."""
+    """Whether ``stock_clone``'s source deep-copies ``self.model_options`` as the known ComfyUI versions do.
+
+    The deep copy must also be where the source first reads ``self.model_options``, so that the
+    stand-in is seen by nothing else.
+    """
     try:
         source = inspect.getsource(stock_clone)
     except (OSError, TypeError):
         return False
-    return _DEEPCOPY_OF_OPTIONS.search(source) is not None
+    copy_call = _DEEPCOPY_OF_OPTIONS.search(source)
+    first_read = _FIRST_OPTIONS_READ.search(source)
+    return (
+        copy_call is not None
+        and first_read is not None
+        and copy_call.start() < first_read.start() < copy_call.end()
+    )
 
 
 def is_installed(model_patcher_class: type | None = None) -> bool:
-    """Whether :func:`install` has replaced ``clone`` on the class (default: ComfyUI's ``ModelPatcher``)."""
+    """Whether the class's ``clone`` copies options through :func:`install`'s function (default: ComfyUI's ``ModelPatcher``).
+
+    True when ``clone`` is that function, or a ``functools.wraps`` wrapper of another pack around
+    it (found through ``__wrapped__``), and it is switched on.
+    """
     cls = model_patcher_class or _model_patcher_class()
-    return hasattr(cls.__dict__.get("clone"), _STOCK_ATTR)
+    record = _installed_inside(cls.__dict__.get("clone"))
+    return record is not None and record.active
 
 
 def install(model_patcher_class: type | None = None) -> bool:
     """Make ``ModelPatcher.clone`` copy ``model_options`` with ``cow_copy``, for every caller (every node pack).
 
-    Returns ``True`` when installed (also when it already was: idempotent). Returns ``False``, with
-    one warning per process, and leaves the class unchanged when its ``clone`` is not one this
-    recognises (it must deep-copy ``self.model_options`` as ComfyUI of 2024-2026 does). The
-    isolation guarantee that changes is in the module doc.
+    Returns ``True`` when installed (also when it already was: idempotent, also when another pack
+    has wrapped the installed function since; one switched off by :func:`uninstall` inside such a
+    wrapper is switched on again). Returns ``False``, with one warning per process, and leaves the
+    class unchanged when its ``clone`` is not one this recognises (it must deep-copy
+    ``self.model_options`` as ComfyUI of 2024-2026 does, reading it nowhere before). The isolation
+    guarantee that changes is in the module doc.
     """
     cls = model_patcher_class or _model_patcher_class()
     current = cls.__dict__.get("clone")
-    if hasattr(current, _STOCK_ATTR):
+    record = _installed_inside(current)
+    if record is not None:
+        record.active = True
         return True
     if current is None or not _recognised(current):
         _warn_once(
@@ -194,12 +273,16 @@ def install(model_patcher_class: type | None = None) -> bool:
         )
         return False
     stock: Callable[..., Any] = current
+    record = _Installed(cls=cls, stock=stock)
 
     @functools.wraps(stock)
     def clone(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not record.active:  # uninstalled while another pack's wrapper holds it
+            return stock(self, *args, **kwargs)
         return _clone_with_cow_options(stock, self, *args, **kwargs)
 
-    setattr(clone, _STOCK_ATTR, stock)
+    record.function = clone
+    _installed[id(clone)] = record
     setattr(cls, "clone", clone)  # noqa: B010 - a class attribute replaced at run time
     log.info(
         "cow_model.comfy: %s.%s.clone now copies model_options with cow_copy",
@@ -210,13 +293,32 @@ def install(model_patcher_class: type | None = None) -> bool:
 
 
 def uninstall(model_patcher_class: type | None = None) -> bool:
-    """Put the stock ``clone`` back; returns whether anything was installed."""
+    """Put the stock ``clone`` back; returns whether anything installed was removed or switched off.
+
+    Removes only the function :func:`install` made, recognised by identity. When another pack has
+    wrapped it since, that wrapper is left in place and every function :func:`install` made for
+    the class is switched off (it calls the stock ``clone()`` directly), with a warning.
+    """
     cls = model_patcher_class or _model_patcher_class()
-    stock = getattr(cls.__dict__.get("clone"), _STOCK_ATTR, None)
-    if stock is None:
-        return False
-    setattr(cls, "clone", stock)  # noqa: B010
-    return True
+    current = cls.__dict__.get("clone")
+    own = _record_of(current)
+    if own is not None:
+        setattr(cls, "clone", own.stock)  # noqa: B010
+        del _installed[id(current)]
+    held = [
+        record for record in _installed.values() if record.cls is cls and record.active and record is not own
+    ]
+    for record in held:
+        record.active = False
+    if held:
+        log.warning(
+            "cow_model.comfy: %s.%s.clone is another pack's wrapper (%s) around the clone() that cow_model.comfy "
+            "installed; leaving that wrapper in place, with the cow copy inside it switched off",
+            cls.__module__,
+            cls.__qualname__,
+            getattr(current, "__qualname__", type(current).__qualname__),
+        )
+    return own is not None or bool(held)
 
 
 def install_from_env(environ: Mapping[str, str] | None = None) -> bool:
