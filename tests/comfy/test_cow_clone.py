@@ -364,8 +364,78 @@ def test_clone_callbacks_see_the_options_the_clone_keeps(comfy: comfyui.ComfyUI,
     from comfy.patcher_extension import CallbacksMP  # type: ignore[import-not-found]
 
     seen: list[Any] = []
-    patched.add_callback(CallbacksMP.ON_CLONE, lambda old, new: seen.append((old, new.model_options)))
+    options = patched.model_options
+    patched.add_callback(
+        CallbacksMP.ON_CLONE, lambda old, new: seen.append((old, old.model_options, new.model_options))
+    )
     cow = cow_comfy.cow_clone(patched)
-    assert seen == [(patched, cow.model_options)]
+    assert len(seen) == 1 and seen[0][0] is patched and seen[0][2] is cow.model_options
+    assert seen[0][1] is options and type(seen[0][1]) is dict, "the callback saw the stand-in"
     assert cow.callbacks == patched.callbacks and cow.callbacks is not patched.callbacks
     assert attn2_replace(cow)[("input", 1, 0)].weight is attn2_replace(patched)[("input", 1, 0)].weight
+
+
+class OnCloneCallbacksMixin:
+    """ON_CLONE callbacks run at the end of clone() as ``callback(self, n)``, as in ComfyUI since late 2024."""
+
+    on_clone: list[Any]
+
+    def clone(self: Any, *args: Any, **kwargs: Any) -> Any:
+        n = super().clone(*args, **kwargs)  # type: ignore[misc]
+        for callback in self.on_clone:
+            callback(self, n)
+        return n
+
+
+def test_clone_callbacks_see_the_original_options_on_this_comfyui(
+    comfy: comfyui.ComfyUI, patched: Any
+) -> None:
+    """The same contract on the ComfyUI under test, its clone() extended the way current ComfyUI runs callbacks."""
+    patched.__class__ = type("CallbackPatcher", (OnCloneCallbacksMixin, comfy.ModelPatcher), {})
+    options = patched.model_options
+    seen: list[Any] = []
+
+    def on_clone(old: Any, new: Any) -> None:
+        seen.append((old.model_options, new.model_options))
+        old.model_options["written_by_callback"] = 1
+
+    patched.on_clone = [on_clone]
+    cow = cow_comfy.cow_clone(patched)
+    assert len(seen) == 1 and seen[0][0] is options and seen[0][1] is cow.model_options
+    assert patched.model_options is options and options["written_by_callback"] == 1
+    assert "written_by_callback" not in cow.model_options
+    assert attn2_replace(cow)[("input", 1, 0)].weight is attn2_replace(patched)[("input", 1, 0)].weight
+
+
+def test_another_pack_wrapping_the_installed_clone(
+    comfy: comfyui.ComfyUI, patched: Any, installed: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pack that wraps ModelPatcher.clone with functools.wraps after install(): its wrapper runs and stays."""
+    import functools
+
+    ours = comfy.ModelPatcher.__dict__["clone"]
+    calls: list[Any] = []
+
+    @functools.wraps(ours)
+    def pack_clone(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(self)
+        return ours(self, *args, **kwargs)
+
+    comfy.ModelPatcher.clone = pack_clone
+    try:
+        cow = cow_comfy.cow_clone(patched)
+        assert calls == [patched], "cow_clone went around the other pack's wrapper"
+        assert attn2_replace(cow)[("input", 1, 0)].weight is attn2_replace(patched)[("input", 1, 0)].weight
+        with caplog.at_level(logging.WARNING, logger="cow_model.comfy"):
+            assert cow_comfy.uninstall() is True
+        assert comfy.ModelPatcher.__dict__["clone"] is pack_clone, "uninstall removed another pack's wrapper"
+        assert "leaving that wrapper in place" in caplog.text
+        stock_copy = patched.clone()
+        assert len(calls) == 2
+        weight = attn2_replace(stock_copy)[("input", 1, 0)].weight
+        assert weight is not attn2_replace(patched)[("input", 1, 0)].weight, (
+            "switched off: the stock deep copy"
+        )
+        assert cow_comfy.install() is True and comfy.ModelPatcher.__dict__["clone"] is pack_clone
+    finally:
+        comfy.ModelPatcher.clone = ours
