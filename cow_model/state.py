@@ -1,0 +1,180 @@
+"""``CloneState``: what a clone owns, decided once by its own actions.
+
+A clone owns the modules it created (shell copies, modules a patch installed) and the tensors
+it created (loaded, converted or patched in). It also owns *aliases*: tensor objects of its own
+that view the base's bytes (made when a scoped method changed a shared tensor's
+``requires_grad`` or attributes). Everything else in its tree is shared with the base, and stays
+shared whatever the parent or the base does later: ownership never comes from comparing with a
+live tree.
+
+Following the base: a shell keeps the parameter and buffer objects it inherited. When the base
+replaces one (``base.double()`` converts buffers into new tensors; parameters into new ones on
+some conversions), :meth:`CloneState.follow` puts the base's new object into the shell, and
+re-points aliases at their source's new bytes, so the clone never runs a mixed tree of stale
+and converted shared tensors. The clone's own tensors are its own business (convert them with
+the clone's ``to()``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .guard import Protected, storage_id
+from .tree import all_modules, named_tensors, tensor_slots
+
+if TYPE_CHECKING:
+    from .scope import Scope
+
+
+@dataclass
+class _Origin:
+    """The base module a shell was copied from, and the tensor objects the shell inherited from it."""
+
+    original: nn.Module
+    inherited: dict[str, dict[str, torch.Tensor]]
+
+
+@dataclass
+class _AliasOf:
+    """An alias the clone owns and the base tensor whose bytes it views (``None``: never follows)."""
+
+    alias: weakref.ref[torch.Tensor]
+    source: torch.Tensor | None
+    viewing: tuple[Any, ...]
+
+
+def _view_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    return (storage_id(tensor), tensor.dtype, tensor.device, tensor.shape)
+
+
+class CloneState:
+    """Bookkeeping of one clone: owned modules, owned tensors, aliases, origins (module doc)."""
+
+    def __init__(self, root: nn.Module, base: nn.Module, check_writes: bool) -> None:
+        self.root = weakref.ref(root)
+        self.base = base
+        self.check_writes = check_writes
+        self.owned: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
+        self.own_tensors: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        self.aliases: dict[int, _AliasOf] = {}
+        self.origins: dict[int, _Origin] = {}
+        self.scopes: list[Scope] = []
+        self._all_protected: Protected | None = None
+
+    # -- ownership -----------------------------------------------------------------------------
+
+    def adopt_shell(self, shell: nn.Module, original: nn.Module) -> None:
+        """Record ``shell`` (a copy of ``original``) as the clone's, following ``original``'s tensors."""
+        self.owned[id(shell)] = shell
+        inherited = {}
+        for kind in ("_parameters", "_buffers"):
+            mine, theirs = shell.__dict__[kind], original.__dict__[kind]
+            same = {name: t for name, t in mine.items() if t is not None and theirs.get(name) is t}
+            if same:
+                inherited[kind] = same
+        if inherited:
+            self.origins[id(shell)] = _Origin(original, inherited)
+
+    def adopt_tensor(self, tensor: torch.Tensor, source: torch.Tensor | None) -> None:
+        """Record ``tensor`` as the clone's: an alias of ``source`` while it views its bytes, else private."""
+        if source is not None and storage_id(tensor) == storage_id(source) and storage_id(tensor) is not None:
+            self.aliases[id(tensor)] = _AliasOf(weakref.ref(tensor), source, _view_key(source))
+        else:
+            self.own_tensors[id(tensor)] = tensor
+
+    def freeze_alias(self, tensor: torch.Tensor) -> None:
+        """Record ``tensor`` as an alias of bytes the clone shares but does not follow (a parent's own)."""
+        self.aliases[id(tensor)] = _AliasOf(weakref.ref(tensor), None, ())
+
+    def changed(self) -> None:
+        self._all_protected = None
+
+    # -- following the base --------------------------------------------------------------------
+
+    def follow(self) -> None:
+        """Take the base's replacements of inherited tensors (module doc); cost O(inherited + aliases)."""
+        if self.origins:
+            self._follow_shells()
+        if self.aliases:
+            self._follow_aliases()
+
+    def _follow_shells(self) -> None:
+        for key, origin in list(self.origins.items()):
+            shell = self.owned.get(key)
+            if shell is None:
+                del self.origins[key]
+                continue
+            for kind, inherited in origin.inherited.items():
+                mine, theirs = shell.__dict__[kind], origin.original.__dict__[kind]
+                for name, tensor in inherited.items():
+                    now = theirs.get(name)
+                    if now is not tensor and now is not None:
+                        if mine.get(name) is tensor:
+                            mine[name] = now
+                        inherited[name] = now
+                        self.changed()
+
+    def _follow_aliases(self) -> None:
+        for key, record in list(self.aliases.items()):
+            alias = record.alias()
+            if alias is None:
+                del self.aliases[key]
+                continue
+            source = record.source
+            if source is None:
+                continue
+            now = _view_key(source)
+            if now != record.viewing:
+                if _view_key(alias)[0] == record.viewing[0]:
+                    alias.data = source.detach()
+                record.viewing = now
+                self.changed()
+
+    # -- questions -----------------------------------------------------------------------------
+
+    def shared_storages_of(self, modules: list[nn.Module]) -> set[tuple[str, int]]:
+        """Storages of the tensors held by ``modules`` that the clone does not own."""
+        found = set()
+        for module in modules:
+            for _, _, tensor in tensor_slots(module):
+                if id(tensor) not in self.own_tensors:
+                    key = storage_id(tensor)
+                    if key is not None:
+                        found.add(key)
+        return found
+
+    def protected_all(self) -> Protected:
+        """Storages and tensor objects of the whole tree shared with the base (cached until a change)."""
+        if self._all_protected is None:
+            root = self.root()
+            modules = all_modules(root) if root is not None else []
+            objects = {
+                id(t)
+                for m in modules
+                for _, _, t in tensor_slots(m)
+                if id(t) not in self.own_tensors and id(t) not in self.aliases
+            }
+            self._all_protected = (self.shared_storages_of(modules), objects)
+        return self._all_protected
+
+    def describe(self, tensor: torch.Tensor) -> str:
+        """A name for ``tensor`` in the clone's tree, by object or by the storage it views."""
+        root = self.root()
+        if root is None:
+            return "a tensor"
+        names = named_tensors(root)
+        if id(tensor) in names:
+            return repr(names[id(tensor)])
+        key = storage_id(tensor)
+        for module_name, module in root.named_modules(remove_duplicate=False):
+            for _, name, held in tensor_slots(module):
+                if storage_id(held) == key:
+                    return (
+                        f"{module_name + '.' if module_name else ''}{name!s} (through a view of its storage)"
+                    )
+        return "a tensor"
