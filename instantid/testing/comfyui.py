@@ -203,16 +203,25 @@ def tiny_unet_config(arch: Arch, model_channels: int = TINY_CHANNELS) -> dict[st
 
 
 def random_state_dict(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """Random values for every entry of ``module.state_dict()``, depending only on ``seed`` and the shapes.
+    """Random values for every entry of ``module.state_dict()``; see :func:`random_like`."""
+    return random_like(module.state_dict(), seed)
 
-    Weights with a fan-in get N(0, 1/fan_in) (activations keep their scale through the net); 1-d
-    normalisation weights get 1 + N(0, 0.1^2); other 1-d tensors N(0, 0.02^2).
+
+def random_like(
+    state: Mapping[str, torch.Tensor], seed: int, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Random values for every entry of ``state``, depending only on ``seed``, the names and the shapes.
+
+    ``state`` may hold meta tensors (only shapes and dtypes are read); the result is on the CPU in
+    ``dtype`` (default: each entry's own). Weights with a fan-in get N(0, 1/fan_in) (activations
+    keep their scale through the net); 1-d normalisation weights get 1 + N(0, 0.1^2); other 1-d
+    tensors N(0, 0.02^2); integer entries are copied (zeros for meta tensors).
     """
     generator = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
-    for name, value in module.state_dict().items():
+    for name, value in state.items():
         if not value.is_floating_point():
-            out[name] = value.clone()
+            out[name] = torch.zeros(value.shape, dtype=value.dtype) if value.is_meta else value.clone()
             continue
         noise = torch.randn(value.shape, generator=generator, dtype=torch.float32)
         if value.dim() >= 2:
@@ -221,12 +230,12 @@ def random_state_dict(module: torch.nn.Module, seed: int) -> dict[str, torch.Ten
             noise = 1.0 + 0.1 * noise
         else:
             noise *= 0.02
-        out[name] = noise.to(value.dtype)
+        out[name] = noise.to(dtype or value.dtype)
     return out
 
 
-def _model_config(comfy: ComfyUI, arch: Arch, model_channels: int) -> Any:
-    """A ``comfy.supported_models`` config object for the tiny unet, set to fp32 without manual cast."""
+def model_config(comfy: ComfyUI, arch: Arch, model_channels: int) -> Any:
+    """A ``comfy.supported_models`` config object for ``arch`` with ``model_channels`` (320: the real width), fp32."""
     config_class = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[arch]
     unet_config = tiny_unet_config(arch, model_channels)
     model_config = config_class(unet_config)
@@ -238,10 +247,10 @@ def _model_config(comfy: ComfyUI, arch: Arch, model_channels: int) -> Any:
 
 def tiny_model_patcher(comfy: ComfyUI, arch: Arch, seed: int = 0, model_channels: int = TINY_CHANNELS) -> Any:
     """A ``comfy.model_patcher.ModelPatcher`` around a tiny ``arch`` model built the way ComfyUI loads checkpoints."""
-    model_config = _model_config(comfy, arch, model_channels)
+    config = model_config(comfy, arch, model_channels)
     device = comfy.model_management.get_torch_device()
     offload = comfy.model_management.unet_offload_device()
-    model = model_config.get_model({}, "", device=offload)
+    model = config.get_model({}, "", device=offload)
     model.load_model_weights(random_state_dict(model.diffusion_model, seed), "")
     model.eval()
     return comfy.ModelPatcher(model, load_device=device, offload_device=offload)
@@ -263,7 +272,7 @@ def tiny_controlnet(comfy: ComfyUI, arch: Arch, seed: int = 1, model_channels: i
     Its layout matches :func:`tiny_model_patcher` for ``arch``; the hint is an RGB image (``hint_channels=3``).
     The zero convolutions get random weights too, so the control visibly changes the output.
     """
-    config = dict(_model_config(comfy, arch, model_channels).unet_config)
+    config = dict(model_config(comfy, arch, model_channels).unet_config)
     config.pop("out_channels")
     config["hint_channels"] = 3
     config["device"] = comfy.model_management.unet_offload_device()
@@ -357,15 +366,23 @@ def release_models(comfy: ComfyUI) -> None:
 
 
 def write_unet_lora(comfy: ComfyUI, patcher: Any, path: Path, *, rank: int = 2, seed: int = 3) -> Path:
+    """Write a LoRA for ``patcher``'s model (see :func:`write_lora_for`); returns ``path``.
+
+    Load it with the stock ``LoraLoaderModelOnly`` after :func:`register_lora_dir`.
+    """
+    return write_lora_for(patcher.model.diffusion_model, path, rank=rank, seed=seed)
+
+
+def write_lora_for(diffusion_model: torch.nn.Module, path: Path, *, rank: int = 2, seed: int = 3) -> Path:
     """Write a LoRA file in the kohya ``lora_unet_*`` format for every cross-attention ``to_k``/``to_v``.
 
-    Returns ``path``. Load it with the stock ``LoraLoaderModelOnly`` after :func:`register_lora_dir`.
+    ``diffusion_model`` is a ComfyUI ``UNetModel`` (meta tensors do: only shapes are read). Returns ``path``.
     """
     from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
-    for name, module in patcher.model.diffusion_model.named_modules():
+    for name, module in diffusion_model.named_modules():
         if not (name.endswith("attn2.to_k") or name.endswith("attn2.to_v")):
             continue
         out_features, in_features = module.weight.shape

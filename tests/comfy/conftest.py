@@ -10,6 +10,12 @@ Fixtures (stable names, used by the node-pack tests too):
   temporary folder registered with ComfyUI's ``loras`` paths, returns the ``lora_name`` for
   ``LoraLoaderModelOnly``.
 
+* ``comfy_install`` (session): a private ComfyUI base directory with this repository in its
+  ``custom_nodes`` and the random-weight SD1.5 models, face models and images written
+  (``instantid.testing.comfy_fixture.TestInstall``).
+* ``comfy_server`` (session): a real ComfyUI server on that install (``instantid.testing.comfy_server``),
+  stopped at the end of the session, also when tests fail.
+
 Plain helpers (import from ``instantid.testing.comfyui``): ``conditioning``, ``empty_latent``, ``ksample``, ``run_node``,
 ``tiny_model_patcher``, ``release_models``. After every test, the models ComfyUI holds as loaded are released.
 """
@@ -23,6 +29,9 @@ from typing import Any
 import pytest
 
 from instantid.testing import comfyui
+from instantid.testing.comfy_fixture import TestInstall, prepare_install
+from instantid.testing.comfy_server import ComfyServer
+from instantid.testing.comfy_server import comfy_server as running_server
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +82,14 @@ def lora_file(comfy: comfyui.ComfyUI, tmp_path_factory: pytest.TempPathFactory) 
         return name
 
     return write
+
+
+@pytest.fixture(scope="session")
+def comfy_install(comfy: comfyui.ComfyUI, tmp_path_factory: pytest.TempPathFactory) -> TestInstall:
+    return prepare_install(tmp_path_factory.mktemp("comfy_server"), comfy)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_install: TestInstall) -> Iterator[ComfyServer]:
+    with running_server(comfy_install.root) as server:
+        yield server
