@@ -55,7 +55,7 @@ from .errors import SharedWeightsError, UnknownPathError
 from .guard import WriteGuard
 from .scope import Scope, _private_copy
 from .state import CloneState
-from .tree import STATE_ATTR, alias, all_modules, shell_copy, storage_bytes, storage_key, tensor_slots
+from .tree import STATE_ATTR, alias, all_modules, link, shell_copy, storage_bytes, storage_key, tensor_slots
 
 PatchFn = Callable[[nn.Module], "nn.Module | None"]
 
@@ -112,7 +112,7 @@ class LazyClonedModel(nn.Module):
 
     @property
     def _cow(self) -> CloneState:
-        return self.__dict__[STATE_ATTR]  # type: ignore[no-any-return]
+        return self.__dict__[STATE_ATTR]  # type: ignore[no-any-return,unused-ignore]
 
     # -- calling -------------------------------------------------------------------------------
 
@@ -160,8 +160,8 @@ class LazyClonedModel(nn.Module):
                 if not names:
                     raise TypeError("patch_block('') cannot replace the root of a clone; patch its children")
                 parent = chain[-2]._modules
-                undo.append(functools.partial(parent.__setitem__, names[-1], parent[names[-1]]))
-                parent[names[-1]] = installed
+                undo.append(functools.partial(link, parent, names[-1], parent[names[-1]], chain[-2]))
+                link(parent, names[-1], installed, chain[-2])
                 scope.root = installed
         return installed
 
@@ -178,8 +178,8 @@ class LazyClonedModel(nn.Module):
                 raise UnknownPathError(self._cow_unknown(path, names[:depth], name))
             if id(child) not in state.owned:
                 shell = shell_copy(child)
-                undo.append(functools.partial(children.__setitem__, name, child))
-                children[name] = shell
+                undo.append(functools.partial(link, children, name, child, chain[-1]))
+                link(children, name, shell, chain[-1])
                 state.adopt_shell(shell, child)
                 child = shell
             chain.append(child)
@@ -334,7 +334,7 @@ class LazyClonedModel(nn.Module):
             module = module._modules.get(part) if module is not None else None
         if module is None:
             return None
-        held = module._parameters.get(name)
+        held: torch.Tensor | None = module._parameters.get(name)
         if held is None and name not in module._non_persistent_buffers_set:
             held = module._buffers.get(name)
         return held
@@ -345,7 +345,7 @@ class LazyClonedModel(nn.Module):
         return shell_copy(self, type(self).__cow_base_class__)
 
     def __copy__(self) -> LazyClonedModel:
-        return LazyClonedModel(self)  # type: ignore[no-any-return]
+        return LazyClonedModel(self)  # type: ignore[no-any-return,unused-ignore]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> nn.Module:
         return copy.deepcopy(self._cow_plain(), memo)
@@ -464,10 +464,11 @@ def _clone_class(model_class: type[nn.Module]) -> type:
 def _install_scoped(cls: type, name: str, method: Callable[..., Any] | None) -> None:
     model_class = cls.__cow_base_class__  # type: ignore[attr-defined]
     own = getattr(model_class, name, None)
-    if method is None and own is None:
+    wrapped = method or own
+    if wrapped is None:
         return
 
-    @functools.wraps(method or own)
+    @functools.wraps(wrapped)
     def scoped(self: LazyClonedModel, *args: Any, **kwargs: Any) -> Any:
         call = functools.partial(method, self) if method is not None else getattr(super(cls, self), name)
         return self._cow_scoped(f"{type(self).__name__}.{name}()", lambda: call(*args, **kwargs))

@@ -30,12 +30,14 @@ import torch
 from torch import nn
 
 from .guard import Protected, WriteGuard, storage_id
-from .tree import PLAIN_CONTAINERS, alias, same_state, same_tensor_view, shell_copy, tensor_slots
+from .tree import PLAIN_CONTAINERS, alias, link, same_state, same_tensor_view, shell_copy, tensor_slots
 
 if TYPE_CHECKING:
     from .state import CloneState
 
-Link = tuple[dict[str, Any], str]
+Link = tuple[dict[str, Any], str, nn.Module]
+"""Where a shell is linked: the parent's child dict, the name, the parent."""
+Slot = tuple[dict[str, Any], str]
 
 
 @dataclass
@@ -49,7 +51,7 @@ class _Shelled:
 class _Aliased:
     alias: torch.Tensor
     source: torch.Tensor
-    slots: list[Link] = field(default_factory=list)
+    slots: list[Slot] = field(default_factory=list)
 
 
 def snapshot(module: nn.Module) -> dict[str, Any]:
@@ -97,6 +99,7 @@ class Scope:
         except BaseException:
             self._rollback()
             raise
+        self.protected()  # as the tree is before the block runs
         self._guard = WriteGuard(self.protected, self.state.describe, self.what)
         self._guard.__enter__()
         return self
@@ -121,8 +124,8 @@ class Scope:
                         record = _Shelled(shell_copy(child), child)
                         self.shelled[id(child)] = record
                         owned[id(record.shell)] = record.shell
-                    record.links.append((children, name))
-                    children[name] = record.shell
+                    record.links.append((children, name, module))
+                    link(children, name, record.shell, module)
                     child = record.shell
                 if id(child) not in seen:
                     seen.add(id(child))
@@ -176,20 +179,20 @@ class Scope:
 
     def _commit(self) -> None:
         state = self.state
-        for record in self.aliased.values():
-            alias_ = record.alias
-            still = [(c, n) for c, n in record.slots if c.get(n) is alias_]
-            if same_tensor_view(alias_, record.source):
+        for aliased in self.aliased.values():
+            alias_ = aliased.alias
+            still = [(c, n) for c, n in aliased.slots if c.get(n) is alias_]
+            if same_tensor_view(alias_, aliased.source):
                 for container, name in still:
-                    container[name] = record.source
+                    container[name] = aliased.source
             elif still:
-                state.adopt_tensor(alias_, record.source)
+                state.adopt_tensor(alias_, aliased.source)
         for record in reversed(list(self.shelled.values())):
             shell = record.shell
-            linked = [(c, n) for c, n in record.links if c.get(n) is shell]
+            linked = [(c, n, p) for c, n, p in record.links if c.get(n) is shell]
             if linked and len(linked) == len(record.links) and same_state(shell, record.original):
-                for container, name in linked:
-                    container[name] = record.original
+                for container, name, parent in linked:
+                    link(container, name, record.original, parent)
                 del state.owned[id(shell)]
             else:
                 state.adopt_shell(shell, record.original)
@@ -199,13 +202,15 @@ class Scope:
         """Tensors the block created become the clone's; one viewing shared bytes is copied first."""
         state = self.state
         known = {id(r.source) for r in self.aliased.values()}
+        copies: dict[int, torch.Tensor] = {}
         for module in _owned_or_new(self.root, {id(r.original) for r in self.shelled.values()}):
             for container, name, tensor in list(tensor_slots(module)):
                 if id(tensor) in known or id(tensor) in state.own_tensors or id(tensor) in state.aliases:
                     continue
                 if storage_id(tensor) in self.protected()[0]:
-                    tensor = _private_copy(tensor)
-                    container[name] = tensor
+                    if id(tensor) not in copies:
+                        copies[id(tensor)] = _private_copy(tensor)
+                    tensor = container[name] = copies[id(tensor)]
                 state.own_tensors[id(tensor)] = tensor
 
 

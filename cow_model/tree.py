@@ -102,7 +102,7 @@ def _recompiled(compiled: Callable[..., Any], shell: nn.Module) -> Callable[...,
     for cell in getattr(compiled, "__closure__", None) or ():
         context = cell.cell_contents
         if type(context).__name__.endswith("Context") and callable(context):
-            return context(shell._call_impl)  # type: ignore[no-any-return]
+            return context(shell._call_impl)  # type: ignore[no-any-return,unused-ignore]
     return torch.compile(shell._call_impl)
 
 
@@ -113,7 +113,7 @@ def shell_copy(module: nn.Module, cls: type | None = None) -> nn.Module:
     ``module`` are rebound to the shell (module doc). A clone's bookkeeping is not copied.
     """
     cls = cls or type(module)
-    shell = object.__new__(cls)
+    shell: nn.Module = object.__new__(cls)
     state = module.__dict__.copy()
     state.pop(STATE_ATTR, None)
     for name, value in state.items():
@@ -127,6 +127,16 @@ def shell_copy(module: nn.Module, cls: type | None = None) -> nn.Module:
     if state.get(_COMPILED) is not None:
         state[_COMPILED] = _recompiled(state[_COMPILED], shell)
     return shell
+
+
+def link(
+    children: dict[str, Any], name: str, child: nn.Module | None, parent: nn.Module | None = None
+) -> None:
+    """``children[name] = child``; a ``torch.compile`` wrapper (``OptimizedModule``) whose ``_orig_mod``
+    changes rebuilds its compiled forward around the new module."""
+    children[name] = child
+    if name == "_orig_mod" and parent is not None and callable(getattr(type(parent), "_initialize", None)):
+        parent._initialize()  # type: ignore[operator]
 
 
 def same_state(shell: nn.Module, original: nn.Module) -> bool:
@@ -146,7 +156,7 @@ def same_state(shell: nn.Module, original: nn.Module) -> bool:
             continue
         if not (isinstance(value, _CONTAINERS) and type(value) is type(other) and len(value) == len(other)):
             return False
-        if isinstance(value, dict):
+        if isinstance(value, dict) and isinstance(other, dict):
             if not all(
                 key in other and (item is other[key] or is_rebinding(item, other[key], original, shell))
                 for key, item in value.items()
@@ -166,11 +176,9 @@ def alias(tensor: torch.Tensor) -> torch.Tensor:
     Parameters stay parameters with the same ``requires_grad``; attributes set on the tensor
     object are copied (shallowly) to the alias.
     """
-    detached = tensor.detach()
+    made: torch.Tensor = tensor.detach()
     if isinstance(tensor, nn.Parameter):
-        made = torch.Tensor._make_subclass(type(tensor), detached, tensor.requires_grad)
-    else:
-        made = detached
+        made = torch.Tensor._make_subclass(type(tensor), made, tensor.requires_grad)
     if tensor.__dict__:
         made.__dict__.update(tensor.__dict__)
     return made
