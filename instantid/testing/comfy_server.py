@@ -133,13 +133,15 @@ class _EventListener:
         self.events: list[tuple[float, str, dict[str, Any]]] = []
         self.connected = threading.Event()
         self._loop = asyncio.new_event_loop()
+        self._task = self._loop.create_task(self._listen())
         self._thread = threading.Thread(target=self._run, name="comfy-ws", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        with contextlib.suppress(asyncio.CancelledError):
-            self._loop.run_until_complete(self._listen())
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            self._loop.run_until_complete(self._task)
+        self._loop.close()
 
     async def _listen(self) -> None:
         import aiohttp
@@ -157,8 +159,9 @@ class _EventListener:
         return [e for e in list(self.events) if e[2].get("prompt_id") == prompt_id]
 
     def close(self) -> None:
-        for task in asyncio.all_tasks(self._loop) if not self._loop.is_closed() else ():
-            self._loop.call_soon_threadsafe(task.cancel)
+        """Stop listening (cancels the listener; a closed connection has ended it already)."""
+        with contextlib.suppress(RuntimeError):  # the loop has already finished and closed
+            self._loop.call_soon_threadsafe(self._task.cancel)
         self._thread.join(timeout=5)
 
 
@@ -187,6 +190,8 @@ class ComfyServer:
                 return response.read()  # type: ignore[no-any-return]
         except urllib.error.HTTPError as err:
             raise ServerError(f"{method} {path}: HTTP {err.code}: {err.read()[:4000]!r}") from err
+        except urllib.error.URLError as err:
+            raise ServerError(f"{method} {path}: no answer from {self.url}: {err.reason}") from err
 
     def get_json(self, path: str) -> Any:
         return json.loads(self.request("GET", path))
@@ -282,19 +287,18 @@ class ComfyServer:
 
     def stop(self, grace: float = 10) -> None:
         """Stop the server's process group: SIGTERM, then SIGKILL after ``grace`` seconds. Idempotent."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=grace)
         if self._events is not None:
             self._events.close()
             self._events = None
-        if self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=grace)
 
 
 def start_server(
