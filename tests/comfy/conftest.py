@@ -22,6 +22,7 @@ Plain helpers (import from ``instantid.testing.comfyui``): ``conditioning``, ``e
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,10 @@ def lora_file(comfy: comfyui.ComfyUI, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="session")
-def comfy_install(comfy: comfyui.ComfyUI, tmp_path_factory: pytest.TempPathFactory) -> TestInstall:
-    return prepare_install(tmp_path_factory.mktemp("comfy_server"), comfy)
+def comfy_install(comfy: comfyui.ComfyUI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestInstall]:
+    install = prepare_install(tmp_path_factory.mktemp("comfy_server"), comfy)
+    yield install
+    shutil.rmtree(install.root / "models", ignore_errors=True)  # ~2.9 GB; pytest keeps 3 sessions' folders
 
 
 @pytest.fixture(scope="session")
