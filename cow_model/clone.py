@@ -148,7 +148,8 @@ class LazyClonedModel(nn.Module):
         state = self._cow
         undo: list[Callable[[], None]] = []
         chain = self._cow_path_copy(path, names, undo)
-        scope = Scope(state, chain[-1], f"the patch function for {path!r}", undo)
+        fresh = bool(undo) and len(undo) == len(names)  # the target itself was copied by this call
+        scope = Scope(state, chain[-1], f"the patch function for {path!r}", undo, fresh=fresh and bool(names))
         with scope:
             result = fn(chain[-1])
             if result is not None and not isinstance(result, nn.Module):
@@ -355,13 +356,17 @@ class LazyClonedModel(nn.Module):
 
 
 def _install(clone: LazyClonedModel, fresh: dict[int, torch.Tensor]) -> None:
-    """Inside an open scope: put ``fresh[id(old)]`` wherever the clone's tree holds ``old`` or its alias."""
-    source_of = {id(r.alias): r.source for r in clone._cow.scopes[-1].aliased.values()}
+    """Inside an open scope: put ``fresh[id(old)]`` wherever the clone's tree holds ``old``.
+
+    Children are read through the scope (so the modules written are the clone's copies); tensors
+    are looked at as held, without making aliases of them.
+    """
     for module in all_modules(clone):
-        for container, name, tensor in list(tensor_slots(module)):
-            made = fresh.get(id(source_of.get(id(tensor), tensor)))
-            if made is not None:
-                container[name] = made
+        for held in (module._parameters, module._buffers):
+            for name, tensor in list(dict.items(held)):
+                made = fresh.get(id(tensor))
+                if made is not None:
+                    held[name] = made
 
 
 def _private_like(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,159 +1,185 @@
 """Scopes: run code that mutates part of a clone's tree so that it acts on the clone alone.
 
-``Scope(state, root, what)`` covers the subtree under ``root`` (a module the clone owns) for the
-duration of a ``with`` block:
+``with Scope(state, root, what):`` covers the subtree under ``root`` (a module the clone owns)
+copy-on-access, the way persistent data structures open a transient for a batch of changes:
 
-1. every module under ``root`` that the clone does not own is replaced by a shell copy
-   (``cow_model.tree.shell_copy``): a module registered at several paths gets one shell, linked
-   at all of them; modules the clone owns are used as they are;
-2. every tensor held there that is not the clone's own is replaced by an alias (a new tensor
-   object viewing the same storage), one alias per tensor, so ties stay ties;
-3. the block runs under a :class:`~cow_model.guard.WriteGuard` protecting the storages of the
-   shared tensors and the tensor objects of the base;
-4. on success, shells and aliases that nothing changed are swapped back for the originals
-   (the clone keeps sharing them), and the rest become the clone's own. Tensors the block
-   created are the clone's own too; one that views a shared storage (``weight.data`` wrapped in
-   a new parameter, as ``weight_norm`` does) is copied, so later writes to it cannot reach the base;
-5. on an exception, the clone's tree is put back exactly as it was (container objects included,
-   so hook handles keep working) and the exception propagates.
-
-Cost: one shell per module and one alias per tensor under ``root``, whatever the block touches.
+1. ``root``'s child, parameter and buffer dicts answer reads with private stand-ins: a child the
+   clone does not own becomes a shell copy (``cow_model.tree.shell_copy``), itself covered the
+   same way; a tensor the clone does not own becomes an alias (a new tensor object viewing the
+   same bytes). One stand-in per object, so a module at several paths and tied tensors stay tied.
+   Only what the block reaches is copied: its cost follows what it touches, not the tree.
+2. The block runs under a :class:`~cow_model.guard.WriteGuard` protecting the storages shared
+   with the base and the base's own tensor objects.
+3. On success, stand-ins nothing changed are swapped back for the originals (the clone keeps
+   sharing them) and the rest become the clone's own. Tensors the block created are the clone's
+   too; one viewing shared bytes (``weight.data`` wrapped in a new parameter, as ``weight_norm``
+   does) is copied first, so later writes to it cannot reach the base.
+4. On an exception, the clone's tree is put back as it was (the same container objects, so hook
+   handles keep working) and the exception propagates.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .guard import Protected, WriteGuard, storage_id
-from .tree import PLAIN_CONTAINERS, alias, link, same_state, same_tensor_view, shell_copy, tensor_slots
+from .tree import PLAIN_CONTAINERS, alias, link, same_state, same_tensor_view, shell_copy
 
 if TYPE_CHECKING:
     from .state import CloneState
 
-Link = tuple[dict[str, Any], str, nn.Module]
-"""Where a shell is linked: the parent's child dict, the name, the parent."""
-Slot = tuple[dict[str, Any], str]
+_KINDS = ("_modules", "_parameters", "_buffers")
 
 
-@dataclass
-class _Shelled:
-    shell: nn.Module
-    original: nn.Module
-    links: list[Link] = field(default_factory=list)
+class _OnAccess(dict[str, Any]):
+    """A module's child, parameter or buffer dict inside a scope: reads get private stand-ins."""
 
+    __slots__ = ("kind", "owner", "resolved", "scope")
 
-@dataclass
-class _Aliased:
-    alias: torch.Tensor
-    source: torch.Tensor
-    slots: list[Slot] = field(default_factory=list)
+    def __init__(self, scope: Scope, owner: nn.Module, kind: str, items: dict[str, Any]) -> None:
+        super().__init__(items)
+        self.scope = scope
+        self.owner = owner
+        self.kind = kind
+        self.resolved: set[str] = set()
 
+    def _resolve(self, key: str) -> Any:
+        value = dict.__getitem__(self, key)
+        if key not in self.resolved:
+            self.resolved.add(key)
+            if value is not None:
+                value = self.scope.stand_in(value, self, key)
+                dict.__setitem__(self, key, value)
+        return value
 
-def snapshot(module: nn.Module) -> dict[str, Any]:
-    """``module``'s attribute dict with each container copied, for :func:`restore`."""
-    return {k: (v, v.copy() if type(v) in PLAIN_CONTAINERS else None) for k, v in module.__dict__.items()}
+    def __getitem__(self, key: str) -> Any:
+        return self._resolve(key)
 
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._resolve(key) if dict.__contains__(self, key) else default
 
-def restore(module: nn.Module, saved: dict[str, Any]) -> None:
-    """Put ``module``'s attributes back as :func:`snapshot` saw them, refilling the same container objects."""
-    state = module.__dict__
-    for key in [k for k in state if k not in saved]:
-        del state[key]
-    for key, (value, contents) in saved.items():
-        if contents is not None:
-            value.clear()
-            if isinstance(value, list):
-                value.extend(contents)
-            else:
-                value.update(contents)
-        state[key] = value
+    def __iter__(self) -> Iterator[str]:  # a Python __iter__ keeps dict(d), d.copy() ... off C fast paths
+        return iter(list(dict.keys(self)))
+
+    def values(self) -> list[Any]:  # type: ignore[override]
+        return [self._resolve(key) for key in list(dict.keys(self))]
+
+    def items(self) -> list[tuple[str, Any]]:  # type: ignore[override]
+        return [(key, self._resolve(key)) for key in list(dict.keys(self))]
+
+    def copy(self) -> dict[str, Any]:
+        return dict(self.items())
+
+    def pop(self, key: str, *default: Any) -> Any:
+        if dict.__contains__(self, key):
+            self._resolve(key)
+        self.resolved.discard(key)
+        return dict.pop(self, key, *default)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if dict.__contains__(self, key):
+            return self._resolve(key)
+        self[key] = default
+        return default
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.resolved.add(key)
+        dict.__setitem__(self, key, value)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def raw(self) -> dict[str, Any]:
+        return dict(dict.items(self))
 
 
 class Scope:
-    """A transaction over the subtree under ``root`` (module doc). ``root`` must be owned by the clone."""
+    """A copy-on-access transaction over the subtree under ``root`` (module doc); ``root`` must be owned."""
 
     def __init__(
-        self, state: CloneState, root: nn.Module, what: str, undo: list[Callable[[], None]] | None = None
-    ):
+        self,
+        state: CloneState,
+        root: nn.Module,
+        what: str,
+        undo: list[Callable[[], None]] | None = None,
+        *,
+        fresh: bool = False,
+    ) -> None:
         self.state = state
         self.root = root
         self.what = what
         self.undo = undo if undo is not None else []
-        self.shelled: dict[int, _Shelled] = {}
-        self.aliased: dict[int, _Aliased] = {}
-        self.covered: list[nn.Module] = []
+        self.fresh = fresh  # ``root`` was copied for this scope: a rollback drops it, no snapshot needed
+        self.shells: dict[int, tuple[nn.Module, nn.Module]] = {}  # id(original) -> (shell, original)
+        self.aliases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(source) -> (alias, source)
+        self.covered: list[tuple[nn.Module, dict[str, dict[str, Any]]]] = []
+        self.links: dict[int, list[tuple[nn.Module, str]]] = {}  # id(shell) -> (parent, name) it is read at
         self._guard: WriteGuard | None = None
         self._protected: Protected | None = None
 
-    # -- opening -------------------------------------------------------------------------------
+    # -- covering ------------------------------------------------------------------------------
 
     def __enter__(self) -> Scope:
         self.state.scopes.append(self)
-        try:
-            self._cover(self.root)
-        except BaseException:
-            self._rollback()
-            raise
-        self.protected()  # as the tree is before the block runs
+        self._cover(self.root, snapshot=not self.fresh)
         self._guard = WriteGuard(self.protected, self.state.describe, self.what)
         self._guard.__enter__()
         return self
 
-    def _cover(self, root: nn.Module) -> None:
-        owned = self.state.owned
-        stack = [root]
-        seen = {id(root)}
-        while stack:
-            module = stack.pop()
-            self.covered.append(module)
-            if id(module) in owned:
-                self.undo.append(_restorer(module))
-            self._alias_tensors(module)
-            children = module._modules
-            for name, child in list(children.items()):
-                if child is None:
-                    continue
-                if id(child) not in owned:
-                    record = self.shelled.get(id(child))
-                    if record is None:
-                        record = _Shelled(shell_copy(child), child)
-                        self.shelled[id(child)] = record
-                        owned[id(record.shell)] = record.shell
-                    record.links.append((children, name, module))
-                    link(children, name, record.shell, module)
-                    child = record.shell
-                if id(child) not in seen:
-                    seen.add(id(child))
-                    stack.append(child)
+    def _cover(self, module: nn.Module, snapshot: bool) -> None:
+        """Give ``module`` on-access dicts, remembering its own dicts to put back."""
+        if snapshot:
+            self.undo.append(_restorer(module))
+        state = module.__dict__
+        originals = {kind: state[kind] for kind in _KINDS}
+        for kind, held in originals.items():
+            state[kind] = _OnAccess(self, module, kind, held)
+        self.covered.append((module, originals))
 
-    def _alias_tensors(self, module: nn.Module) -> None:
-        mine, aliases = self.state.own_tensors, self.state.aliases
-        for container, name, tensor in list(tensor_slots(module)):
-            if id(tensor) in mine or id(tensor) in aliases:
-                continue
-            record = self.aliased.get(id(tensor))
-            if record is None:
-                record = _Aliased(alias(tensor), tensor)
-                self.aliased[id(tensor)] = record
-            record.slots.append((container, name))
-            container[name] = record.alias
+    def stand_in(self, value: Any, where: _OnAccess, key: str) -> Any:
+        """The private stand-in for ``value`` read from ``where`` (module doc, step 1)."""
+        state = self.state
+        if where.kind == "_modules":
+            if id(value) in state.owned:
+                if not any(module is value for module, _ in self.covered):
+                    self._cover(value, snapshot=True)
+                return value
+            made = self.shells.get(id(value))
+            if made is None:
+                shell = shell_copy(value)
+                made = self.shells[id(value)] = (shell, value)
+                state.owned[id(shell)] = shell
+                self._cover(shell, snapshot=False)
+            self.links.setdefault(id(made[0]), []).append((where.owner, key))
+            return made[0]
+        if id(value) in state.own_tensors or id(value) in state.aliases:
+            return value
+        pair = self.aliases.get(id(value))
+        if pair is None:
+            pair = self.aliases[id(value)] = (alias(value), value)
+        return pair[0]
 
     def protected(self) -> Protected:
-        """Storages and tensor objects the block must not write: those shared with the base."""
+        """Storages and tensor objects the block must not write: those the clone shares (lazy, once)."""
         if self._protected is None:
             storages: set[tuple[str, int]] = set()
             objects: set[int] = set()
-            for record in self.aliased.values():
-                objects.add(id(record.source))
-                key = storage_id(record.source)
-                if key is not None:
-                    storages.add(key)
-            storages |= self.state.shared_storages_of(self.covered)
+            state = self.state
+            for tensor in _raw_tensors(self.root):
+                if id(tensor) not in state.own_tensors:
+                    key = storage_id(tensor)
+                    if key is not None:
+                        storages.add(key)
+                    if id(tensor) not in state.aliases:
+                        objects.add(id(tensor))
+            for made, source in self.aliases.values():
+                objects.add(id(source))
+                objects.discard(id(made))
             self._protected = (storages, objects)
         return self._protected
 
@@ -164,6 +190,7 @@ class Scope:
         self._guard.__exit__(kind, error, tb)
         try:
             if error is None:
+                self.protected()  # before the tree is touched again
                 self._commit()
             else:
                 self._rollback()
@@ -171,62 +198,116 @@ class Scope:
             self.state.scopes.pop()
             self.state.changed()
 
+    def _uncover(self) -> None:
+        """Plain dicts back in every covered module (a module's own dict objects where it had them)."""
+        for module, originals in self.covered:
+            state = module.__dict__
+            for kind in _KINDS:
+                current = state[kind]
+                if not isinstance(current, _OnAccess):
+                    continue  # the block replaced the whole dict: keep what it put there
+                held = originals[kind]
+                items = current.raw()
+                if type(held) in PLAIN_CONTAINERS:
+                    held.clear()
+                    held.update(items)
+                    state[kind] = held
+                else:
+                    state[kind] = items
+
     def _rollback(self) -> None:
+        for module, originals in self.covered:
+            for kind in _KINDS:
+                if isinstance(module.__dict__[kind], _OnAccess):
+                    module.__dict__[kind] = originals[kind]
         for undo in reversed(self.undo):
             undo()
-        for record in self.shelled.values():
-            self.state.owned.pop(id(record.shell), None)
+        for shell, _ in self.shells.values():
+            self.state.owned.pop(id(shell), None)
 
     def _commit(self) -> None:
         state = self.state
-        for aliased in self.aliased.values():
-            alias_ = aliased.alias
-            still = [(c, n) for c, n in aliased.slots if c.get(n) is alias_]
-            if same_tensor_view(alias_, aliased.source):
-                for container, name in still:
-                    container[name] = aliased.source
-            elif still:
-                state.adopt_tensor(alias_, aliased.source)
-        for record in reversed(list(self.shelled.values())):
-            shell = record.shell
-            linked = [(c, n, p) for c, n, p in record.links if c.get(n) is shell]
-            if linked and len(linked) == len(record.links) and same_state(shell, record.original):
-                for container, name, parent in linked:
-                    link(container, name, record.original, parent)
+        resolved = [
+            (module, kind, key)
+            for module, _ in self.covered
+            for kind in _KINDS
+            if isinstance(module.__dict__[kind], _OnAccess)
+            for key in module.__dict__[kind].resolved
+        ]
+        self._uncover()
+        swap: dict[int, Any] = {
+            id(made): source for made, source in self.aliases.values() if same_tensor_view(made, source)
+        }
+        kept = {id(made): source for made, source in self.aliases.values() if id(made) not in swap}
+        for module, kind, key in resolved:
+            held = module.__dict__[kind]
+            if kind != "_modules" and id(held.get(key)) in swap:
+                held[key] = swap[id(held[key])]
+        for shell, original in reversed(list(self.shells.values())):
+            if same_state(shell, original):
                 del state.owned[id(shell)]
+                for owner, key in self.links.get(id(shell), ()):
+                    if owner.__dict__["_modules"].get(key) is shell:
+                        link(owner.__dict__["_modules"], key, original, owner)
             else:
-                state.adopt_shell(shell, record.original)
-        self._adopt_new_tensors()
-
-    def _adopt_new_tensors(self) -> None:
-        """Tensors the block created become the clone's; one viewing shared bytes is copied first."""
-        state = self.state
-        known = {id(r.source) for r in self.aliased.values()}
+                state.adopt_shell(shell, original)
+        known = {id(source) for _, source in self.aliases.values()} | {id(o) for _, o in self.shells.values()}
         copies: dict[int, torch.Tensor] = {}
-        for module in _owned_or_new(self.root, {id(r.original) for r in self.shelled.values()}):
-            for container, name, tensor in list(tensor_slots(module)):
-                if id(tensor) in known or id(tensor) in state.own_tensors or id(tensor) in state.aliases:
-                    continue
-                if storage_id(tensor) in self.protected()[0]:
-                    if id(tensor) not in copies:
-                        copies[id(tensor)] = _private_copy(tensor)
-                    tensor = container[name] = copies[id(tensor)]
-                state.own_tensors[id(tensor)] = tensor
+        for module, kind, key in resolved:
+            value = module.__dict__[kind].get(key)
+            if value is None or id(value) in known:
+                continue
+            if kind == "_modules":
+                if id(value) not in state.owned:
+                    self._adopt_module(value, known, copies)
+            elif id(value) in kept:
+                state.adopt_tensor(value, kept[id(value)])
+            else:
+                self._adopt_tensor(module.__dict__[kind], key, value, copies)
+
+    def _adopt_tensor(
+        self, held: dict[str, Any], key: str, tensor: torch.Tensor, copies: dict[int, Any]
+    ) -> None:
+        """A tensor the block put in the clone becomes the clone's; one viewing shared bytes is copied."""
+        state = self.state
+        if id(tensor) in state.own_tensors or id(tensor) in state.aliases:
+            return
+        if storage_id(tensor) in self.protected()[0]:
+            if id(tensor) not in copies:
+                copies[id(tensor)] = _private_copy(tensor)
+            tensor = held[key] = copies[id(tensor)]
+        state.own_tensors[id(tensor)] = tensor
+
+    def _adopt_module(self, module: nn.Module, known: set[int], copies: dict[int, Any]) -> None:
+        """A module the block installed becomes the clone's, with the tensors it holds."""
+        stack = [module]
+        while stack:
+            current = stack.pop()
+            self.state.owned[id(current)] = current
+            for kind in ("_parameters", "_buffers"):
+                held = current.__dict__[kind]
+                for key, tensor in list(held.items()):
+                    if tensor is not None and id(tensor) not in known:
+                        self._adopt_tensor(held, key, tensor, copies)
+            for child in current._modules.values():
+                if child is not None and id(child) not in known and id(child) not in self.state.owned:
+                    stack.append(child)
 
 
-def _owned_or_new(root: nn.Module, originals: set[int]) -> list[nn.Module]:
-    """Modules under ``root`` other than the shared ``originals`` (owned, or installed by the block)."""
-    found = []
-    stack = [root]
+def _raw_tensors(root: nn.Module) -> Iterator[torch.Tensor]:
+    """Every tensor under ``root`` as held now, without resolving on-access dicts."""
     seen = {id(root)}
+    stack = [root]
     while stack:
         module = stack.pop()
-        found.append(module)
-        for child in module._modules.values():
-            if child is not None and id(child) not in seen and id(child) not in originals:
+        for kind in ("_parameters", "_buffers"):
+            for tensor in dict.values(module.__dict__[kind]):
+                if tensor is not None:
+                    yield tensor
+        for child in dict.values(module.__dict__["_modules"]):
+            if child is not None and id(child) not in seen:
                 seen.add(id(child))
                 stack.append(child)
-    return found
 
 
 def _private_copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -237,5 +318,19 @@ def _private_copy(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _restorer(module: nn.Module) -> Callable[[], None]:
-    saved = snapshot(module)
-    return lambda: restore(module, saved)
+    saved = {k: (v, v.copy() if type(v) in PLAIN_CONTAINERS else None) for k, v in module.__dict__.items()}
+
+    def restore() -> None:
+        state = module.__dict__
+        for key in [k for k in state if k not in saved]:
+            del state[key]
+        for key, (value, contents) in saved.items():
+            if contents is not None:
+                value.clear()
+                if isinstance(value, list):
+                    value.extend(contents)
+                else:
+                    value.update(contents)
+            state[key] = value
+
+    return restore
