@@ -32,11 +32,19 @@ from instantid.testing.shapes import UNET_CONFIGS
 SIZES = (100, 1_000, 10_000, 30_000)
 
 
+FAN_OUT = 8
+
+
 def model_of(modules: int) -> nn.Module:
-    """A tree of about ``modules`` modules: blocks of (Linear, LayerNorm, Sequential) on the meta device."""
+    """A tree of about ``modules`` modules on the meta device: blocks of (Linear, LayerNorm) grouped
+    eight to a ``Sequential``, level by level, as real models nest (a UNet's root has a dozen children)."""
     with torch.device("meta"):
-        blocks = [nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)) for _ in range(max(1, modules // 3))]
-        return nn.Sequential(*blocks).eval()
+        level: list[nn.Module] = [
+            nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)) for _ in range(max(1, modules // 3))
+        ]
+        while len(level) > 1:
+            level = [nn.Sequential(*level[i : i + FAN_OUT]) for i in range(0, len(level), FAN_OUT)]
+        return level[0].eval()
 
 
 def median_seconds(make: Callable[[], Any], repeats: int) -> float:

@@ -147,9 +147,8 @@ class LazyClonedModel(nn.Module):
         names = path.split(".") if path else []
         state = self._cow
         undo: list[Callable[[], None]] = []
-        chain = self._cow_path_copy(path, names, undo)
-        fresh = bool(undo) and len(undo) == len(names)  # the target itself was copied by this call
-        scope = Scope(state, chain[-1], f"the patch function for {path!r}", undo, fresh=fresh and bool(names))
+        chain, origin = self._cow_path_copy(path, names, undo)
+        scope = Scope(state, chain[-1], f"the patch function for {path!r}", undo, origin=origin)
         with scope:
             result = fn(chain[-1])
             if result is not None and not isinstance(result, nn.Module):
@@ -166,10 +165,14 @@ class LazyClonedModel(nn.Module):
                 scope.root = installed
         return installed
 
-    def _cow_path_copy(self, path: str, names: list[str], undo: list[Callable[[], None]]) -> list[nn.Module]:
-        """The modules from the root to ``path``, each owned by the clone (shell-copied where not yet)."""
+    def _cow_path_copy(
+        self, path: str, names: list[str], undo: list[Callable[[], None]]
+    ) -> tuple[list[nn.Module], nn.Module | None]:
+        """The modules from the root to ``path``, each owned by the clone (shell-copied where not yet),
+        and the module the one at ``path`` was copied from, when this call copied it."""
         state = self._cow
         chain: list[nn.Module] = [self]
+        origin = None
         for depth, name in enumerate(names):
             children = chain[-1]._modules
             child = children.get(name)
@@ -182,9 +185,11 @@ class LazyClonedModel(nn.Module):
                 undo.append(functools.partial(link, children, name, child, chain[-1]))
                 link(children, name, shell, chain[-1])
                 state.adopt_shell(shell, child)
-                child = shell
+                origin, child = child, shell
+            else:
+                origin = None
             chain.append(child)
-        return chain
+        return chain, origin
 
     def _cow_unknown(self, path: str, found: list[str], missing: str) -> str:
         valid = [name for name, _ in self.named_modules() if name]
@@ -292,8 +297,8 @@ class LazyClonedModel(nn.Module):
         """Load tensors into new private tensors, in path-copied modules; the base keeps its values.
 
         Keys, shapes and ``strict`` behave as in ``torch.nn.Module.load_state_dict`` (the dtype
-        and device of the current tensor are kept; ``assign`` is accepted and ignored, since
-        loading here always installs new tensors). A tensor held under several keys (tied
+        and device of the current tensor are kept; with ``assign=True`` the given tensors themselves are
+        installed, keeping the current ``requires_grad``, as torch does). A tensor held under several keys (tied
         weights, a module at two paths) becomes one new tensor. Runs in a scope over the whole
         tree (a shell per module, milliseconds), so ties and shared modules stay tied. Module-specific ``_load_from_state_dict``
         overrides are not run. Raises ``RuntimeError`` listing every problem before anything changes.
@@ -320,6 +325,9 @@ class LazyClonedModel(nn.Module):
             )
         fresh: dict[int, torch.Tensor] = {}
         for key, held in found.items():
+            if assign:
+                fresh[id(held)] = _as_held(state_dict[key], held)
+                continue
             made = fresh.get(id(held))
             if made is None:
                 made = fresh[id(held)] = _private_like(held)
@@ -362,11 +370,18 @@ def _install(clone: LazyClonedModel, fresh: dict[int, torch.Tensor]) -> None:
     are looked at as held, without making aliases of them.
     """
     for module in all_modules(clone):
-        for held in (module._parameters, module._buffers):
+        for held in (module.__dict__["_parameters"], module.__dict__["_buffers"]):
             for name, tensor in list(dict.items(held)):
                 made = fresh.get(id(tensor))
                 if made is not None:
                     held[name] = made
+
+
+def _as_held(value: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+    """``value`` itself, as a parameter when ``held`` is one (``load_state_dict(assign=True)``)."""
+    if isinstance(held, nn.Parameter) and not isinstance(value, nn.Parameter):
+        return nn.Parameter(value, requires_grad=held.requires_grad)
+    return value
 
 
 def _private_like(tensor: torch.Tensor) -> torch.Tensor:

@@ -108,13 +108,13 @@ class Scope:
         what: str,
         undo: list[Callable[[], None]] | None = None,
         *,
-        fresh: bool = False,
+        origin: nn.Module | None = None,
     ) -> None:
         self.state = state
         self.root = root
         self.what = what
         self.undo = undo if undo is not None else []
-        self.fresh = fresh  # ``root`` was copied for this scope: a rollback drops it, no snapshot needed
+        self.origin = origin  # what ``root`` was copied from for this scope (a rollback drops ``root``)
         self.shells: dict[int, tuple[nn.Module, nn.Module]] = {}  # id(original) -> (shell, original)
         self.aliases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(source) -> (alias, source)
         self.covered: list[tuple[nn.Module, dict[str, dict[str, Any]]]] = []
@@ -126,7 +126,9 @@ class Scope:
 
     def __enter__(self) -> Scope:
         self.state.scopes.append(self)
-        self._cover(self.root, snapshot=not self.fresh)
+        self._cover(self.root, snapshot=self.origin is None)
+        if self.origin is None:
+            self.protected()  # the tree as it is before the block; a fresh root's origin stays as it is
         self._guard = WriteGuard(self.protected, self.state.describe, self.what)
         self._guard.__enter__()
         return self
@@ -170,7 +172,7 @@ class Scope:
             storages: set[tuple[str, int]] = set()
             objects: set[int] = set()
             state = self.state
-            for tensor in _raw_tensors(self.root):
+            for tensor in _raw_tensors(self.origin if self.origin is not None else self.root):
                 if id(tensor) not in state.own_tensors:
                     key = storage_id(tensor)
                     if key is not None:
@@ -190,7 +192,6 @@ class Scope:
         self._guard.__exit__(kind, error, tb)
         try:
             if error is None:
-                self.protected()  # before the tree is touched again
                 self._commit()
             else:
                 self._rollback()

@@ -292,6 +292,16 @@ def test_load_state_dict_keeps_ties() -> None:
     assert tied_clone.head.weight is tied_clone.embed.weight and torch.count_nonzero(tied.head.weight - 1)
 
 
+def test_load_state_dict_with_assign_installs_the_given_tensors_on_meta_modules_too() -> None:
+    with torch.device("meta"):
+        base = nn.Sequential(nn.Linear(4, 4)).eval()
+    clone = LazyClonedModel(base)
+    weight, bias = torch.ones(4, 4), torch.zeros(4)
+    clone.load_state_dict({"0.weight": weight, "0.bias": bias}, assign=True)
+    assert clone[0].weight.device.type == "cpu" and clone[0].weight.data_ptr() == weight.data_ptr()
+    assert base[0].weight.device.type == "meta" and clone.private_bytes == weight.nbytes + bias.nbytes
+
+
 def test_hook_handles_and_hash_survive_train_eval_and_root_patches() -> None:
     clone = LazyClonedModel(small_model())
     key = hash(clone)
