@@ -1,6 +1,8 @@
 """Clone a UNet and patch every cross-attention block: ``copy.deepcopy`` vs ``LazyClonedModel``.
 
-``python -m bench clone [--model sd15|sdxl] [--repeats N]``
+``python -m bench clone [--model sd15|sdxl] [--repeats N]``; ``--scaling`` runs ``bench.clone_cost``
+(construction time and Python bytes per clone against model size, next to ``copy.deepcopy``, and
+70 SDXL patches against a bare path copy).
 
 Both sides build the same result: a second UNet whose ``attn2`` modules have a new attention
 processor (16 blocks for SD1.5, 70 for SDXL) while the base keeps its own. Measured in one run:
@@ -52,7 +54,12 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench clone", description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(UNET_CONFIGS), default="sd15")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of deepcopy (cow: 10x this)")
+    parser.add_argument("--scaling", action="store_true", help="cost against model size (bench.clone_cost)")
     args = parser.parse_args(argv)
+    if args.scaling:
+        from bench import clone_cost
+
+        return clone_cost.main(["--repeats", str(args.repeats)])
 
     from diffusers.models.attention_processor import AttnProcessor2_0
 
