@@ -308,17 +308,19 @@ def start_server(
     args: tuple[str, ...] = (),
     env: Mapping[str, str] | None = None,
     timeout: float = 180,
+    cpu: bool = True,
 ) -> ComfyServer:
     """Start ComfyUI from the base directory ``root`` on CPU and wait until it answers; the caller stops it.
 
-    ``args`` are more ``main.py`` options; ``env`` more environment variables. Prefer :func:`comfy_server`.
+    ``args`` are more ``main.py`` options; ``env`` more environment variables; ``cpu=False`` leaves
+    out ``--cpu`` (ComfyUI then picks its accelerator). Prefer :func:`comfy_server`.
     """
     port = port or free_port()
     command = [
         sys.executable,
         str(LAUNCHER),
         str(root),
-        "--cpu",
+        *(("--cpu",) if cpu else ()),
         "--listen",
         "127.0.0.1",
         "--port",
