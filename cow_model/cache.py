@@ -1,4 +1,4 @@
-"""``PatchCache``: memoize what a patch computes from tensors, invalidated exactly.
+"""``PatchCache``: memoize what a patch computes from tensors, invalidated exactly, bounded, observable.
 
 A patch often derives heavy values from its inputs once (InstantID's per-layer K/V from the
 face tokens and the adapter weights). When a graph re-runs with the same inputs, the cache
@@ -12,7 +12,11 @@ argument matches the one it was computed from:
   as ComfyUI makes everything) carry no version counter: for those the cache keeps a copy when
   they are small (``max_snapshot_numel`` elements) and compares contents; larger inference
   tensors are compared by identity and data pointer only, which is documented as the one
-  blind spot (an in-place write inside inference mode to a large tensor);
+  blind spot (an in-place write inside inference mode to a large tensor). ``by_contents(t)``
+  keys a tensor by its exact contents instead (dtype, shape and bytes): an equal tensor made
+  anew hits;
+- an object that compares by identity (its class keeps ``object``'s ``__eq__`` and
+  ``__hash__``: a model, a face-analysis app) is held by weak reference and matches only itself;
 - other arguments are compared by type and value (they must be hashable): ``2``, ``2.0`` and
   ``True`` are different keys, although Python's ``==`` calls them equal. Floats (and complex
   numbers, and numpy scalars) are compared by their exact value: ``-0.0`` and ``0.0`` differ, and
@@ -21,19 +25,31 @@ argument matches the one it was computed from:
   looked into, with their types; a dict's key order is part of its key (another order is a miss,
   never a wrong hit).
 
-Entries hold weak references to their tensor arguments, so the cache never keeps inputs alive;
-results are held strongly, at most ``maxsize`` of them (least recently used dropped first).
-Thread-safe.
+Lifetime: entries hold weak references to their tensor and identity-compared arguments, so the
+cache never keeps inputs alive, and when one of them is freed its entries are dropped at once
+(a weak-reference callback; deferred to the cache's next operation when the object dies while
+the cache is busy). Results are held strongly, bounded by ``maxsize`` entries and by
+``max_bytes`` bytes of the tensors they hold (each storage counted once however many results
+share it); the least recently used entries are evicted first, and a result larger than
+``max_bytes`` on its own is returned without being kept.
+
+Thread-safe: one lock guards the table; ``fn`` runs outside it (two threads missing on the same
+key both compute, and the later result is kept). ``stats()`` gives hits, misses, evictions, the
+bytes held, the hit rate and the time saved (the compute time of every hit); each event is
+logged at debug level on the ``cow_model.cache`` logger.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import logging
 import sys
 import threading
+import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -41,6 +57,10 @@ import torch
 from .tree import version_of
 
 R = TypeVar("R")
+
+logger = logging.getLogger(__name__)
+
+StorageKey = tuple[str, int, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,29 +79,149 @@ class _TensorGuard:
         return self.contents is None or torch.equal(self.contents, tensor)
 
 
+@dataclasses.dataclass(frozen=True)
+class _ObjectGuard:
+    ref: weakref.ref[Any]
+
+    def holds(self, obj: Any) -> bool:
+        return self.ref() is obj
+
+
+_Guard = _TensorGuard | _ObjectGuard
+
+
 def _layout(tensor: torch.Tensor) -> tuple[Any, ...]:
     return (tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device)
 
 
-class PatchCache:
-    """An LRU memo for ``fn(*args, **kwargs)`` keyed exactly on its tensor and value arguments."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class by_contents:
+    """Key ``tensor`` by its exact contents (dtype, shape and bytes), not by the tensor object.
 
-    def __init__(self, maxsize: int = 16, max_snapshot_numel: int = 1 << 16) -> None:
+    For small tensors made anew on every run with the same values (face embeddings); the bytes
+    are read once per call, so keep it to tensors of a few thousand elements.
+    """
+
+    tensor: torch.Tensor
+
+    def key(self) -> Hashable:
+        t = self.tensor.detach()
+        data = t.reshape(-1).contiguous().cpu()
+        return (
+            "contents",
+            t.dtype,
+            tuple(t.shape),
+            data.view(torch.uint8).numpy().tobytes() if t.numel() else b"",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheStats:
+    """A snapshot of one cache's counters (``PatchCache.stats()``)."""
+
+    name: str
+    hits: int
+    misses: int
+    evictions: int
+    dropped: int
+    entries: int
+    max_entries: int
+    bytes: int
+    max_bytes: int | None
+    time_saved_s: float
+
+    @property
+    def hit_rate(self) -> float:
+        """Hits over lookups (0.0 before any lookup)."""
+        lookups = self.hits + self.misses
+        return self.hits / lookups if lookups else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The counters as JSON-ready values, ``hit_rate`` included."""
+        return dataclasses.asdict(self) | {"hit_rate": self.hit_rate}
+
+
+@dataclasses.dataclass(eq=False)
+class _Entry:
+    guards: tuple[_Guard, ...]
+    result: Any
+    storages: dict[StorageKey, int]
+    seconds: float
+
+
+def tensors_in(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors inside ``value``: itself, or found in tuples, lists, sets, dict values and dataclass fields."""
+    stack = [value]
+    seen: set[int] = set()
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            yield item
+            continue
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, (tuple, list, set, frozenset)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            stack.extend(getattr(item, f.name) for f in dataclasses.fields(item))
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> dict[StorageKey, int]:
+    """``{storage: nbytes}`` for the distinct storages behind ``tensors`` (meta tensors count 0)."""
+    out: dict[StorageKey, int] = {}
+    for tensor in tensors:
+        if tensor.is_meta:
+            continue
+        storage = tensor.untyped_storage()
+        device = tensor.device
+        out[(device.type, -1 if device.index is None else device.index, storage.data_ptr())] = (
+            storage.nbytes()
+        )
+    return out
+
+
+class PatchCache:
+    """An LRU memo for ``fn(*args, **kwargs)`` keyed exactly on its tensor and value arguments.
+
+    ``maxsize``: most entries kept (>= 1). ``max_bytes``: most bytes of result tensors kept
+    (``None``: no byte bound). ``tensors_of(result)``: the tensors a result owns, for the byte
+    count (default :func:`tensors_in`). ``name`` names the cache in logs and ``stats()``.
+    """
+
+    def __init__(
+        self,
+        maxsize: int = 16,
+        max_bytes: int | None = None,
+        *,
+        max_snapshot_numel: int = 1 << 16,
+        name: str = "PatchCache",
+        tensors_of: Callable[[Any], Iterable[torch.Tensor]] = tensors_in,
+    ) -> None:
         if maxsize < 1:
             raise ValueError(f"PatchCache needs maxsize >= 1; got {maxsize}")
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"PatchCache needs max_bytes >= 0 or None; got {max_bytes}")
         self.maxsize = maxsize
+        self.max_bytes = max_bytes
         self.max_snapshot_numel = max_snapshot_numel
+        self.name = name
+        self.tensors_of = tensors_of
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[Hashable, tuple[tuple[_TensorGuard, ...], Any]] = OrderedDict()
+        self.evictions = 0
+        self.dropped = 0
+        self.time_saved = 0.0
+        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self._storages: dict[StorageKey, list[int]] = {}  # storage -> [entries holding it, nbytes]
+        self._bytes = 0
         self._lock = threading.Lock()
+        self._pending: collections.deque[tuple[Hashable, weakref.ref[Any]]] = collections.deque()
+        self._self_ref = weakref.ref(self)
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
+    # --- the memo ------------------------------------------------------------------------------
 
     def __call__(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """``fn(*args, **kwargs)``, or the result of an earlier call with exactly these inputs.
@@ -89,56 +229,222 @@ class PatchCache:
         Raises ``TypeError`` naming the argument when one is neither a tensor, a container or
         dataclass of them, nor hashable.
         """
-        tensors: list[torch.Tensor] = []
-        key = (fn, _key((args, tuple(sorted(kwargs.items()))), tensors, "arguments"))
+        referents: list[Any] = []
+        key = (_key(fn, referents, "fn"), _key((args, tuple(sorted(kwargs.items()))), referents, "arguments"))
+        return self._get_or_compute(key, referents, lambda: fn(*args, **kwargs))
+
+    def get_or_compute(self, key_parts: Any, compute: Callable[[], R]) -> R:
+        """The result cached under ``key_parts`` (keyed as ``__call__`` keys its arguments), else ``compute()``,
+        kept under that key. ``compute`` must depend on nothing outside ``key_parts``."""
+        referents: list[Any] = []
+        key = ("parts", _key(key_parts, referents, "key"))
+        return self._get_or_compute(key, referents, compute)
+
+    def _get_or_compute(self, key: Hashable, referents: list[Any], compute: Callable[[], R]) -> R:
         with self._lock:
+            self._purge_pending()
             entry = self._entries.get(key)
-            if entry is not None and all(guard.holds(t) for guard, t in zip(entry[0], tensors, strict=True)):
+            if entry is not None and all(g.holds(r) for g, r in zip(entry.guards, referents, strict=True)):
                 self._entries.move_to_end(key)
                 self.hits += 1
-                return entry[1]
-        result = fn(*args, **kwargs)
-        guards = tuple(self._guard(tensor) for tensor in tensors)
-        with self._lock:
+                self.time_saved += entry.seconds
+                logger.debug("%s: hit (%.2f ms saved)", self.name, entry.seconds * 1e3)
+                return entry.result
             self.misses += 1
-            self._entries[key] = (guards, result)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.maxsize:
-                self._entries.popitem(last=False)
+        start = time.perf_counter()
+        result = compute()
+        seconds = time.perf_counter() - start
+        guards = tuple(self._guard(key, r) for r in referents)
+        storages = storage_bytes(self.tensors_of(result))
+        logger.debug("%s: miss (computed in %.2f ms)", self.name, seconds * 1e3)
+        with self._lock:
+            self._purge_pending()
+            if any(g.ref() is None for g in guards):
+                return result  # an input died while computing: nothing to key on
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._release(old)
+            entry = _Entry(guards, result, storages, seconds)
+            if self.max_bytes is not None and self._new_bytes(storages) > self.max_bytes:
+                logger.debug(
+                    "%s: result of %d bytes exceeds max_bytes=%d, not kept",
+                    self.name,
+                    sum(storages.values()),
+                    self.max_bytes,
+                )
+                return result
+            self._entries[key] = entry
+            self._hold(entry)
+            self._evict()
         return result
 
-    def _guard(self, tensor: torch.Tensor) -> _TensorGuard:
-        version = version_of(tensor)
+    # --- bookkeeping ---------------------------------------------------------------------------
+
+    def _guard(self, key: Hashable, referent: Any) -> _Guard:
+        callback = _freed_callback(self._self_ref, key)
+        if not isinstance(referent, torch.Tensor):
+            return _ObjectGuard(weakref.ref(referent, callback))
+        version = version_of(referent)
         contents = None
-        if version is None and tensor.numel() <= self.max_snapshot_numel:
-            contents = tensor.detach().clone()
-        return _TensorGuard(weakref.ref(tensor), tensor.data_ptr(), _layout(tensor), version, contents)
+        if version is None and referent.numel() <= self.max_snapshot_numel:
+            contents = referent.detach().clone()
+        return _TensorGuard(
+            weakref.ref(referent, callback), referent.data_ptr(), _layout(referent), version, contents
+        )
+
+    def _new_bytes(self, storages: dict[StorageKey, int]) -> int:
+        return sum(n for s, n in storages.items() if s not in self._storages)
+
+    def _hold(self, entry: _Entry) -> None:
+        for storage, nbytes in entry.storages.items():
+            held = self._storages.get(storage)
+            if held is None:
+                self._storages[storage] = [1, nbytes]
+                self._bytes += nbytes
+            else:
+                held[0] += 1
+
+    def _release(self, entry: _Entry) -> None:
+        for storage in entry.storages:
+            held = self._storages[storage]
+            held[0] -= 1
+            if held[0] == 0:
+                del self._storages[storage]
+                self._bytes -= held[1]
+
+    def _evict(self) -> None:
+        while len(self._entries) > self.maxsize or (
+            self.max_bytes is not None and self._bytes > self.max_bytes
+        ):
+            _, entry = self._entries.popitem(last=False)
+            self._release(entry)
+            self.evictions += 1
+            logger.debug(
+                "%s: evicted the least recently used entry (%d entries, %d bytes left)",
+                self.name,
+                len(self._entries),
+                self._bytes,
+            )
+
+    def _input_freed(self, key: Hashable, ref: weakref.ref[Any]) -> None:
+        self._pending.append((key, ref))
+        if self._lock.acquire(blocking=False):  # busy (maybe in this very thread): the next operation purges
+            try:
+                self._purge_pending()
+            finally:
+                self._lock.release()
+
+    def _purge_pending(self) -> None:
+        """Drop the entries whose inputs were freed (the lock is held)."""
+        while self._pending:
+            key, ref = self._pending.popleft()
+            entry = self._entries.get(key)
+            if entry is not None and any(g.ref is ref for g in entry.guards):
+                del self._entries[key]
+                self._release(entry)
+                self.dropped += 1
+                logger.debug(
+                    "%s: an input was freed, its entry dropped (%d entries left)",
+                    self.name,
+                    len(self._entries),
+                )
+
+    # --- inspection ----------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._purge_pending()
+            return len(self._entries)
+
+    @property
+    def bytes_held(self) -> int:
+        """Bytes of the distinct tensor storages the kept results hold."""
+        with self._lock:
+            self._purge_pending()
+            return self._bytes
+
+    def stats(self) -> CacheStats:
+        """Hits, misses, evictions, entries dropped because an input was freed, entries, bytes, time saved."""
+        with self._lock:
+            self._purge_pending()
+            return CacheStats(
+                name=self.name,
+                hits=self.hits,
+                misses=self.misses,
+                evictions=self.evictions,
+                dropped=self.dropped,
+                entries=len(self._entries),
+                max_entries=self.maxsize,
+                bytes=self._bytes,
+                max_bytes=self.max_bytes,
+                time_saved_s=self.time_saved,
+            )
+
+    def clear(self) -> None:
+        """Drop every entry (counters are kept)."""
+        with self._lock:
+            self._pending.clear()
+            count = len(self._entries)
+            self._entries.clear()
+            self._storages.clear()
+            self._bytes = 0
+        logger.debug("%s: cleared (%d entries)", self.name, count)
+
+    def reset_stats(self) -> None:
+        """Zero the counters (entries are kept)."""
+        with self._lock:
+            self.hits = self.misses = self.evictions = self.dropped = 0
+            self.time_saved = 0.0
 
 
-def _key(value: Any, tensors: list[torch.Tensor], where: str) -> Hashable:
+def _freed_callback(cache_ref: weakref.ref[PatchCache], key: Hashable) -> Callable[[weakref.ref[Any]], None]:
+    def freed(ref: weakref.ref[Any]) -> None:
+        cache = cache_ref()
+        if cache is not None:
+            cache._input_freed(key, ref)
+
+    return freed
+
+
+def _by_identity(value: Any) -> bool:
+    """Whether ``value`` compares by identity and can be held weakly."""
+    cls = type(value)
+    if cls.__eq__ is not object.__eq__ or cls.__hash__ is not object.__hash__:
+        return False
+    try:
+        weakref.ref(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _key(value: Any, referents: list[Any], where: str) -> Hashable:
     """A hashable stand-in for ``value`` that equals another's only for the same type and value.
 
-    Tensors become positions in ``tensors``; floats become their exact hexadecimal value (NaN one key).
+    Tensors and identity-compared objects become positions in ``referents`` (guarded weakly);
+    floats become their exact hexadecimal value (NaN one key).
     """
     if isinstance(value, torch.Tensor):
-        tensors.append(value)
+        referents.append(value)
         return ("tensor", id(value))
+    if isinstance(value, by_contents):
+        return value.key()
     cls = type(value)
     if isinstance(value, (tuple, list)):
-        return (cls, tuple(_key(item, tensors, f"{where}[{i}]") for i, item in enumerate(value)))
+        return (cls, tuple(_key(item, referents, f"{where}[{i}]") for i, item in enumerate(value)))
     if isinstance(value, dict):
         return (
             cls,
             tuple(
-                (_key(k, tensors, f"{where} key {k!r}"), _key(v, tensors, f"{where}[{k!r}]"))
+                (_key(k, referents, f"{where} key {k!r}"), _key(v, referents, f"{where}[{k!r}]"))
                 for k, v in value.items()
             ),
         )
     if isinstance(value, frozenset):
-        return (cls, frozenset(_key(item, tensors, f"{where} item") for item in value))
+        return (cls, frozenset(_key(item, referents, f"{where} item") for item in value))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = tuple(
-            (f.name, _key(getattr(value, f.name), tensors, f"{where}.{f.name}"))
+            (f.name, _key(getattr(value, f.name), referents, f"{where}.{f.name}"))
             for f in dataclasses.fields(value)
         )
         return (cls, fields)
@@ -148,7 +454,10 @@ def _key(value: Any, tensors: list[torch.Tensor], where: str) -> Hashable:
         return (cls, _float_key(value.real), _float_key(value.imag))
     numpy = sys.modules.get("numpy")
     if numpy is not None and isinstance(value, numpy.generic) and not isinstance(value, numpy.object_):
-        return (cls, _key(value.item(), tensors, where))
+        return (cls, _key(value.item(), referents, where))
+    if value is not None and _by_identity(value):
+        referents.append(value)
+        return ("object", id(value))
     try:
         hash(value)
     except TypeError:
