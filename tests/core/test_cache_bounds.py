@@ -193,7 +193,7 @@ def test_eight_threads_on_one_cache() -> None:
                 out = cache(double, x)
                 if not torch.equal(out, x * 2):
                     raise AssertionError(f"thread {seed}: wrong result at step {step}")
-        except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
+        except BaseException as error:
             errors.append(error)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
