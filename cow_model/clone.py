@@ -55,7 +55,7 @@ from .errors import SharedWeightsError, UnknownPathError
 from .guard import WriteGuard
 from .scope import Scope, _private_copy
 from .state import CloneState
-from .tree import STATE_ATTR, alias, all_modules, link, shell_copy, storage_bytes, storage_key, tensor_slots
+from .tree import STATE_ATTR, alias, all_modules, link, shell_copy, storage_bytes, storage_id, tensor_slots
 
 PatchFn = Callable[[nn.Module], "nn.Module | None"]
 
@@ -223,7 +223,7 @@ class LazyClonedModel(nn.Module):
         own = self._cow.own_tensors
         private: dict[Any, int] = {}
         for tensor in own.values():
-            key = storage_key(tensor)
+            key = storage_id(tensor)
             if key is not None:
                 private[key] = tensor.untyped_storage().nbytes()
         everything = storage_bytes(self)

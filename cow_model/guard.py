@@ -25,6 +25,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import SharedWeightsError
+from .tree import storage_id
 
 aten = torch.ops.aten
 _REBINDING = frozenset(
@@ -54,16 +55,6 @@ def _written_arguments(func: Any) -> tuple[tuple[int, str], ...]:
         )
         _written[func] = found
     return found
-
-
-def storage_id(tensor: torch.Tensor) -> tuple[str, int] | None:
-    """The storage ``tensor`` views, or ``None`` when it has no bytes to protect (meta, empty)."""
-    if tensor.device.type == "meta":
-        return None
-    storage = tensor.untyped_storage()
-    if storage.nbytes() == 0:
-        return None
-    return (str(tensor.device), storage.data_ptr())
 
 
 Protected = tuple[set[tuple[str, int]], set[int]]

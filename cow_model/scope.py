@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .guard import Protected, WriteGuard, storage_id
-from .tree import PLAIN_CONTAINERS, alias, link, same_state, same_tensor_view, shell_copy
+from .guard import Protected, WriteGuard
+from .tree import PLAIN_CONTAINERS, alias, link, same_state, same_tensor_view, shell_copy, storage_id
 
 if TYPE_CHECKING:
     from .state import CloneState

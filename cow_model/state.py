@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .guard import Protected, storage_id
-from .tree import all_modules, named_tensors, tensor_slots
+from .guard import Protected
+from .tree import all_modules, named_tensors, storage_id, tensor_slots
 
 if TYPE_CHECKING:
     from .scope import Scope

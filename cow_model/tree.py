@@ -237,18 +237,21 @@ def named_tensors(root: nn.Module) -> dict[int, str]:
     return names
 
 
-def storage_key(tensor: torch.Tensor) -> tuple[str, int] | None:
-    """An identity for the storage behind ``tensor``; ``None`` for tensors without memory (meta)."""
+def storage_id(tensor: torch.Tensor) -> tuple[str, int] | None:
+    """The storage ``tensor`` views, or ``None`` when it has no bytes (meta, empty)."""
     if tensor.device.type == "meta":
         return None
-    return (str(tensor.device), tensor.untyped_storage().data_ptr())
+    storage = tensor.untyped_storage()
+    if storage.nbytes() == 0:
+        return None
+    return (str(tensor.device), storage.data_ptr())
 
 
 def storage_bytes(root: nn.Module) -> dict[tuple[str, int], int]:
-    """``storage_key -> nbytes`` for every storage that the tensors under ``root`` live in."""
+    """``storage_id -> nbytes`` for every storage that the tensors under ``root`` live in."""
     sizes: dict[tuple[str, int], int] = {}
     for tensor in all_tensors(root).values():
-        key = storage_key(tensor)
+        key = storage_id(tensor)
         if key is not None:
             sizes[key] = tensor.untyped_storage().nbytes()
     return sizes
