@@ -477,7 +477,7 @@ def _clone_class(model_class: type[nn.Module]) -> type:
         cls = type(model_class.__name__, (LazyClonedModel, model_class), namespace)
         for name, method in _SCOPED.items():
             _install_scoped(cls, name, method)
-        _CLASSES[model_class] = cls
+        cls = _CLASSES.setdefault(model_class, cls)  # one class per model class, also when threads race
     return cls
 
 
