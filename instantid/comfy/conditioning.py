@@ -26,11 +26,11 @@ Conditioning = list[list[Any]]
 def check_mask(mask: Tensor | None) -> Tensor | None:
     """``mask`` unchanged when it is ``[H, W]`` or ``[B, H, W]`` (of any size: it is resized where used).
 
-    Raises ``InstantIDNodeError`` for any other rank.
+    Raises ``InstantIDNodeError`` for any other rank, or for a mask with no pixels (a crop outside it).
     """
-    if mask is not None and mask.dim() not in (2, 3):
+    if mask is not None and (mask.dim() not in (2, 3) or mask.numel() == 0):
         raise InstantIDNodeError(
-            f"mask has shape {tuple(mask.shape)}; expected a MASK of shape [H, W] or [B, H, W]"
+            f"input `mask` has shape {tuple(mask.shape)}; expected a non-empty MASK of shape [H, W] or [B, H, W]"
         )
     return mask
 

@@ -181,9 +181,6 @@ def test_a_bad_input_fails_in_the_instantid_node_with_a_clear_message(
     assert_node_error(comfy_server.run(graph), node_type, *keywords)
 
 
-@pytest.mark.xfail(
-    reason="ApplyInstantID accepts a [1, 64, 0] mask; KSampler then fails in F.interpolate (check_mask lacks a size check)"
-)
 def test_an_empty_mask_fails_in_the_instantid_node(comfy_server: ComfyServer, example: Any) -> None:
     """A mask cropped outside itself (stock SolidMask 64x64, CropMask at x=100: shape [1, 64, 0])."""
     graph = example("instantid_one_face")
