@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench.results import markdown_table, write_result
 from cow_model import LazyClonedModel
 from cow_model.tree import shell_copy
 from instantid.testing.shapes import UNET_CONFIGS
@@ -92,13 +93,14 @@ def cow_patch(unet: nn.Module, paths: list[str], patch: Callable[[nn.Module], No
     return clone
 
 
-def scaling(repeats: int) -> None:
+def scaling(repeats: int) -> list[dict[str, float]]:
     header = (
         f"{'modules':>8}{'clone median':>16}{'clone bytes':>14}{'deepcopy median':>18}{'deepcopy bytes':>17}"
     )
     print("1. construction of one clone against model size (meta tensors)")
     print(header)
     print("-" * len(header))
+    rows = []
     for size in SIZES:
         model = model_of(size)
         count = sum(1 for _ in model.modules())
@@ -107,9 +109,14 @@ def scaling(repeats: int) -> None:
         deep = median_seconds(lambda m=model: copy.deepcopy(m), max(1, repeats // 3))
         deep_bytes = python_bytes(lambda m=model: copy.deepcopy(m))
         print(f"{count:>8,}{cow * 1e3:>13.3f} ms{cow_bytes:>12,} B{deep * 1e3:>15.1f} ms{deep_bytes:>15,} B")
+        rows.append(
+            {"modules": count, "clone_seconds": cow, "clone_bytes": cow_bytes, "deepcopy_seconds": deep,
+             "deepcopy_bytes": deep_bytes}
+        )  # fmt: skip
+    return rows
 
 
-def patching(repeats: int) -> None:
+def patching(repeats: int) -> dict[str, float]:
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -135,6 +142,13 @@ def patching(repeats: int) -> None:
     print(f"{'bare path copy, no bookkeeping':<40}{bare * 1e3:>9.2f} ms")
     print(f"{'LazyClonedModel + patch_block':<40}{cow * 1e3:>9.2f} ms")
     print(f"{'ratio (median of paired rounds)':<40}{ratio:>9.2f}x   (limit 2x)")
+    return {
+        "patches": len(paths),
+        "rounds": len(rounds),
+        "bare_seconds": bare,
+        "clone_seconds": cow,
+        "ratio": ratio,
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -142,6 +156,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (clone construction: 10x this)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
-    scaling(args.repeats)
-    patching(args.repeats)
+    construction = scaling(args.repeats)
+    patch = patching(args.repeats)
+    headers = ["modules", "clone", "clone bytes", "deepcopy", "deepcopy bytes"]
+    rows = [
+        [f"{r['modules']:,}", f"{r['clone_seconds'] * 1e3:.3f} ms", f"{r['clone_bytes']:,} B",
+         f"{r['deepcopy_seconds'] * 1e3:.1f} ms", f"{r['deepcopy_bytes']:,} B"]
+        for r in construction
+    ]  # fmt: skip
+    text = markdown_table(headers, rows) + (
+        f"\n{patch['patches']} attn2 patches on an SDXL-architecture UNet: bare path copy "
+        f"{patch['bare_seconds'] * 1e3:.2f} ms, LazyClonedModel + patch_block {patch['clone_seconds'] * 1e3:.2f} ms "
+        f"(ratio {patch['ratio']:.2f}x, limit 2x)\n"
+    )
+    json_path, _ = write_result("clone_cost", {"construction": construction, "patching": patch}, text)
+    print(f"wrote {json_path} (plot: python -m bench report)")
     return 0

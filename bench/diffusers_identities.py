@@ -25,6 +25,7 @@ import torch
 
 from bench.diffusers_forward import random_layout_adapter
 from bench.measure import MiB, rss_bytes
+from bench.results import markdown_table, write_result
 from cow_model.tree import storage_bytes
 from instantid.testing.shapes import UNET_CONFIGS, build_unet
 
@@ -124,8 +125,10 @@ def main(argv: list[str]) -> int:
     print("-" * len(header))
     within = True
     per_deep: dict[str, float] | None = None
+    rows: list[dict[str, Any]] = []
     for count in counts:
         row = measure(clone, count, unet)
+        rows.append({"n": count, "kind": "COW clones", **row, "extrapolated": False})
         budget = row["payload"] + count * MiB
         within &= row["rss"] <= budget and row["tensors"] <= budget
         print(
@@ -142,6 +145,7 @@ def main(argv: list[str]) -> int:
             note = "EXTRAPOLATED from the measured per-copy cost"
         else:
             continue
+        rows.append({"n": count, "kind": "deep copies", **deep_row, "extrapolated": note != "measured"})
         print(
             f"{count:>3}  {'deep copies':<12}{deep_row['rss'] / MiB:>10.1f} MiB{deep_row['tensors'] / MiB:>10.1f} MiB"
             f"{'':>24}{deep_row['seconds'] * 1e3:>11.0f} ms  {note}"
@@ -149,4 +153,15 @@ def main(argv: list[str]) -> int:
     print(
         f"target (N clones add <= N x (payload + 1 MiB), RSS and tensors): {'met' if within else 'NOT met'}"
     )
+    table = markdown_table(
+        ["N", "identities", "RSS added", "new tensors", "per identity", "note"],
+        [[r["n"], r["kind"], f"{r['rss'] / MiB:,.1f} MiB", f"{r['tensors'] / MiB:,.1f} MiB",
+          f"{r['seconds'] * 1e3:,.0f} ms", "extrapolated" if r["extrapolated"] else "measured"] for r in rows],
+    )  # fmt: skip
+    json_path, _ = write_result(
+        "diffusers_identities",
+        {"model": args.model, "unet_bytes": unet_bytes, "within": within, "rows": rows},
+        table,
+    )
+    print(f"wrote {json_path} (plot: python -m bench report)")
     return 0 if within else 1
