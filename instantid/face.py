@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -398,6 +398,7 @@ def analyze_faces(
     *,
     skip_missing: bool = False,
     source: str | None = None,
+    analyze: Callable[..., FaceResult] | None = None,
 ) -> list[FaceResult]:
     """``analyze_face`` on every image (see ``as_image_list`` for the accepted forms).
 
@@ -407,8 +408,9 @@ def analyze_faces(
     the messages (see ``image_label``): "No face detected in input `image`, image 2 of 3 (WxH) at
     detection sizes 640 down to 192"; when a whole batch of several has no face, "No face detected in
     any of the 3 images of input `image` (detection sizes 640 down to 192)". Raises ``ValueError`` on an
-    empty batch.
+    empty batch. ``analyze`` replaces ``analyze_face`` (same signature; e.g. a cache's).
     """
+    analyze = analyze or analyze_face
     batch = as_image_list(images)
     if not batch:
         raise ValueError(
@@ -419,9 +421,7 @@ def analyze_faces(
     missing: list[NoFaceDetectedError] = []
     for index, image in enumerate(batch):
         try:
-            results.append(
-                analyze_face(app, image, index=index, label=image_label(index, len(batch), source))
-            )
+            results.append(analyze(app, image, index=index, label=image_label(index, len(batch), source)))
         except NoFaceDetectedError as error:
             if not skip_missing:
                 raise

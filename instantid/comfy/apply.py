@@ -2,7 +2,8 @@
 
 ``apply_identity`` clones the ``ModelPatcher`` (ComfyUI's own ``clone()``), precomputes the
 identity K/V of every cross-attention layer once, and adds one ``IdentityTerm`` per layer to the
-clone's attn2 replace patches. The model it was given is never changed, and the adapter's
+clone's attn2 replace patches (the K/V kept in ``instantid.cache``'s ``kv`` layer). The model it
+was given is never changed, and the adapter's
 tensors are only read: the patches hold the K/V (a few MiB), not the adapter.
 """
 
@@ -14,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from instantid.attention import LayerMasks, precompute_kv
+from instantid.attention import LayerMasks
+from instantid.cache import caches
 from instantid.comfy.blocks import (
     CrossAttentionSite,
     cross_attention_sites,
@@ -107,7 +109,7 @@ def apply_identity(
     mask = check_mask(mask)
     sigma_start, sigma_end = sigma_range(model, start_at, end_at)
     device = model.load_device
-    kv = precompute_kv(weights, cond_tokens, uncond_tokens, dtype=compute_dtype(model), device=device)
+    kv = caches().precompute_kv(weights, cond_tokens, uncond_tokens, dtype=compute_dtype(model), device=device)
     layer_masks = None if mask is None else LayerMasks(mask.to(device))  # each grid resized once, for all layers
     work_model = model.clone()
     for site in sites:

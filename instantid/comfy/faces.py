@@ -3,6 +3,8 @@
 An IMAGE is a float tensor ``[B, H, W, 3]`` in 0..1, RGB. ``insightface`` may be this pack's own
 FACEANALYSIS or any object with insightface's ``FaceAnalysis`` interface (other packs pass theirs).
 Like ComfyUI_InstantID, images without a face are skipped; only a batch without any face fails.
+Each image's face analysis goes through ``instantid.cache``'s ``faces`` layer (keyed by its pixels),
+so the keypoints and the embedding of one image cost one analysis, and a re-run none.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from instantid.cache import caches
 from instantid.comfy.errors import InstantIDNodeError
 from instantid.face import (
     CombineMode,
     FaceResult,
     NoFaceDetectedError,
-    analyze_face,
     analyze_faces,
     face_embeddings,
     image_label,
@@ -50,7 +52,13 @@ def embeddings(
     """The face embedding(s) of the faces found in ``image``, combined across the batch (``[1, 512]``;
     ``[N, 512]`` for ``"concat"``). Raises ``NoFaceDetectedError`` ("No face detected in input `image`
     ...", naming the node input ``source``) when no image holds a face."""
-    faces = analyze_faces(insightface, image_arrays(image, source), skip_missing=True, source=source)
+    faces = analyze_faces(
+        insightface,
+        image_arrays(image, source),
+        skip_missing=True,
+        source=source,
+        analyze=caches().analyze_face,
+    )
     return face_embeddings(faces, combine)
 
 
@@ -69,7 +77,8 @@ def keypoint_images(insightface: Any, image: Tensor, source: str = "image") -> T
     for index, array in enumerate(arrays):
         label = image_label(index, len(arrays), source)
         try:
-            drawn.append(_keypoint_image(array, analyze_face(insightface, array, index=index, label=label)))
+            face = caches().analyze_face(insightface, array, index=index, label=label)
+            drawn.append(_keypoint_image(array, face))
         except NoFaceDetectedError as error:
             logger.warning("%s; no keypoints drawn for it", error)
     return torch.stack(drawn) if drawn else None

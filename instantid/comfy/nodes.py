@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from cow_model.comfy import install_from_env
-from instantid.attention import face_tokens
+from instantid.cache import caches
 from instantid.comfy.apply import apply_identity
 from instantid.comfy.blocks import context_dim, diffusion_model_of
 from instantid.comfy.conditioning import (
@@ -201,8 +201,32 @@ def _identity_tokens(
     combine: CombineMode,
     device: Any,
 ) -> tuple[Tensor, Tensor]:
-    """Conditional and unconditional face tokens ``[n, 16, C]`` for the faces in ``image``."""
-    return face_tokens(weights, embeddings(insightface, image, combine, "image"), noise=noise, device=device)
+    """Conditional and unconditional face tokens ``[n, 16, C]`` for the faces in ``image`` (cached: the same
+    tensors for the same adapter, embeddings, noise and device)."""
+    embeds = embeddings(insightface, image, combine, "image")
+    return caches().face_tokens(weights, embeds, noise=noise, device=device)
+
+
+def _patched_model(
+    model: Any,
+    weights: InstantIDWeights,
+    cond: Tensor,
+    uncond: Tensor,
+    *,
+    weight: float,
+    start_at: float,
+    end_at: float,
+    mask: Tensor | None,
+) -> Any:
+    """``apply_identity`` through the ``models`` cache layer: a fresh clone of the patched model kept for
+    this model and these inputs (a changed weight, window or mask reuses the kept K/V)."""
+
+    def build() -> Any:
+        return apply_identity(
+            model, weights, cond, uncond, weight=weight, start_at=start_at, end_at=end_at, mask=mask
+        )
+
+    return caches().patched_model(model, (weights, cond, uncond, weight, start_at, end_at, mask), build)
 
 
 def _controlnet_tokens(tokens: Tensor) -> Tensor:
@@ -291,7 +315,7 @@ class ApplyInstantID:
             instantid, insightface, image, noise, combine_embeds, model.load_device
         )
         keypoints = _keypoints(insightface, image, image_kps)
-        work_model = apply_identity(
+        work_model = _patched_model(
             model,
             instantid,
             cond,
@@ -393,7 +417,7 @@ class InstantIDAttentionPatch:
         face_embeds = {"cond": cond, "uncond": uncond}
         if weight == 0:
             return (model, face_embeds)
-        work_model = apply_identity(
+        work_model = _patched_model(
             model, instantid, cond, uncond, weight=weight, start_at=start_at, end_at=end_at, mask=mask
         )
         return (work_model, face_embeds)

@@ -1,0 +1,308 @@
+"""InstantID's caches: the work an apply repeats when a graph re-runs, each layer keyed exactly.
+
+ComfyUI re-runs ``ApplyInstantID`` whenever any input changes (the prompt conditioning is one),
+nearly always with the same face, adapter and model. Four :class:`cow_model.cache.PatchCache`
+layers keep what that work produced:
+
+- ``faces``: one image's face analysis (a :class:`instantid.face.FaceResult`, or "no face"), keyed
+  by a BLAKE2b digest of the image's ``uint8`` pixels and its shape (an equal image in a new tensor
+  hits), the face-analysis object (held weakly, by identity) and the detection sizes;
+- ``tokens``: the Resampler's conditional and unconditional face tokens, keyed by the adapter
+  (every tensor, exactly), the embeddings' exact contents, the noise and the device;
+- ``kv``: every layer's identity K/V (:func:`instantid.attention.precompute_kv`), keyed by the
+  adapter, the face-token tensors, the dtype and the device;
+- ``models``: a patched output model, keyed by the input model (weakly, by identity), a
+  fingerprint of what the model carries (ComfyUI's ``patches_uuid`` where present, else its weight
+  patches; its object patches and ``model_options``), and every input the patch depends on. A hit
+  hands out a fresh clone of the kept model, so nothing a caller does to its output reaches the cache.
+
+A changed ``weight``, ``start_at``, ``end_at`` or ``mask`` misses only ``models`` and rebuilds the
+per-layer terms from the kept K/V.
+
+Sizes: ``InstantIDCaches(max_mb, max_entries)``, defaulting to the environment variables
+``INSTANTID_CACHE_MB`` (the bytes all layers together may hold, default 256) and
+``INSTANTID_CACHE_ENTRIES`` (entries per layer, default 32); 0 in either disables caching (every
+call computes). The process-wide instance is :data:`CACHES`; :func:`configure` replaces its layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cow_model.cache import PatchCache, by_contents, tensors_in
+from instantid.attention import IdentityKV, face_tokens, precompute_kv
+from instantid.face import DETECTION_SIZES, FaceResult, NoFaceDetectedError, analyze_face, image_label
+from instantid.weights import InstantIDWeights
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+ENV_MB = "INSTANTID_CACHE_MB"
+ENV_ENTRIES = "INSTANTID_CACHE_ENTRIES"
+DEFAULT_MB = 256
+DEFAULT_ENTRIES = 32
+LAYERS = ("faces", "tokens", "kv", "models")
+SHARES = {"faces": 0.05, "tokens": 0.10, "kv": 0.60, "models": 0.25}
+"""Each layer's share of the byte budget (K/V dominate: ~10 MiB per SDXL face in fp16)."""
+
+
+@dataclass(frozen=True)
+class NoFace:
+    """A cached "no face in this image" (the image's width and height, for the message)."""
+
+    width: int
+    height: int
+
+
+def image_digest(image: np.ndarray) -> tuple[bytes, tuple[int, ...], str]:
+    """A fast exact key for an image's pixels: BLAKE2b (128 bits) of its bytes, its shape and dtype."""
+    data = np.ascontiguousarray(image)
+    return hashlib.blake2b(data.tobytes(), digest_size=16).digest(), tuple(data.shape), str(data.dtype)
+
+
+def _frozen(result: FaceResult) -> FaceResult:
+    """``result`` with read-only copies of its arrays, so no caller can change a cached result."""
+    arrays = {}
+    for name in ("embedding", "kps", "bbox"):
+        array = np.array(getattr(result, name), copy=True)
+        array.setflags(write=False)
+        arrays[name] = array
+    return FaceResult(det_score=result.det_score, det_size=result.det_size, **arrays)
+
+
+def _sizes_text(det_sizes: Sequence[int]) -> str:
+    return f"detection sizes {det_sizes[0]} down to {det_sizes[-1]}"
+
+
+def _kv_tensors(result: Any) -> Iterable[Tensor]:
+    for kv in result:
+        yield kv.k
+        yield kv.v
+
+
+def _model_tensors(model: Any) -> Iterable[Tensor]:
+    """The K/V tensors a patched ComfyUI model's InstantID terms hold (the bytes it adds; weights are shared)."""
+    options = getattr(model, "model_options", {})
+    replace = options.get("transformer_options", {}).get("patches_replace", {})
+    for patch in replace.get("attn2", {}).values():
+        for callback in getattr(patch, "callback", ()):
+            kv = getattr(callback, "kv", None)
+            if isinstance(kv, IdentityKV):
+                yield kv.k
+                yield kv.v
+
+
+def fingerprint(value: Any, depth: int = 0) -> Any:
+    """A hashable summary of a nested options structure: containers by content, numbers and strings by
+    value, every other object by type and identity. Two structures with the same fingerprint hold the
+    same objects in the same places."""
+    if depth > 50:
+        return ("deep", id(value))
+    if isinstance(value, dict):
+        return (
+            "dict",
+            tuple((fingerprint(k, depth + 1), fingerprint(v, depth + 1)) for k, v in value.items()),
+        )
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(fingerprint(v, depth + 1) for v in value))
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return (type(value).__name__, repr(value))
+    if isinstance(value, Tensor):
+        version = getattr(value, "_version", None) if not value.is_inference() else None
+        return ("tensor", id(value), value.data_ptr(), tuple(value.shape), version)
+    return (type(value).__qualname__, id(value))
+
+
+_MODEL_FIELDS = (
+    "object_patches",
+    "model_options",
+    "weight_wrapper_patches",
+    "hook_patches",
+    "additional_models",
+    "injections",
+)
+
+
+def model_fingerprint(model: Any) -> Any:
+    """What a ComfyUI ``ModelPatcher`` carries besides its base weights: ``patches_uuid`` (ComfyUI renews it on
+    every weight-patch change) or else a fingerprint of ``patches``; object patches, ``model_options`` and the
+    other patch tables of newer ComfyUI versions; its base model and load device."""
+    uuid = getattr(model, "patches_uuid", None)
+    weights = ("uuid", str(uuid)) if uuid is not None else fingerprint(getattr(model, "patches", None))
+    others = tuple(
+        (name, fingerprint(getattr(model, name))) for name in _MODEL_FIELDS if hasattr(model, name)
+    )
+    return (weights, others, id(getattr(model, "model", None)), str(getattr(model, "load_device", None)))
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(float(raw))
+    except ValueError:
+        logger.warning("%s=%r is not a number; using %d", name, raw, default)
+        return default
+    return max(value, 0)
+
+
+class InstantIDCaches:
+    """The four cache layers (``faces``, ``tokens``, ``kv``, ``models``), or none when disabled.
+
+    ``max_mb``: bytes all layers together may hold, in MiB (split by :data:`SHARES`); ``max_entries``: entries
+    per layer. ``None`` reads ``INSTANTID_CACHE_MB`` / ``INSTANTID_CACHE_ENTRIES``; 0 disables caching.
+    """
+
+    def __init__(self, max_mb: float | None = None, max_entries: int | None = None) -> None:
+        self.max_mb = _env_int(ENV_MB, DEFAULT_MB) if max_mb is None else max_mb
+        self.max_entries = _env_int(ENV_ENTRIES, DEFAULT_ENTRIES) if max_entries is None else max_entries
+        self.layers: dict[str, PatchCache] = {}
+        if self.enabled:
+            budget = int(self.max_mb * 2**20)
+            tensors_of: dict[str, Callable[[Any], Iterable[Tensor]]] = {
+                "faces": lambda _: (),
+                "tokens": tensors_in,
+                "kv": _kv_tensors,
+                "models": _model_tensors,
+            }
+            for name in LAYERS:
+                self.layers[name] = PatchCache(
+                    self.max_entries,
+                    int(budget * SHARES[name]),
+                    name=f"instantid.{name}",
+                    tensors_of=tensors_of[name],
+                )
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_mb > 0 and self.max_entries > 0
+
+    def _lookup(self, layer: str, key: Any, compute: Callable[[], R]) -> R:
+        cache = self.layers.get(layer)
+        if cache is None:
+            return compute()
+        return cache.get_or_compute(key, compute)
+
+    # --- the layers --------------------------------------------------------------------------
+
+    def analyze_face(
+        self,
+        app: Any,
+        image: np.ndarray,
+        *,
+        index: int = 0,
+        det_sizes: Sequence[int] = DETECTION_SIZES,
+        label: str | None = None,
+    ) -> FaceResult:
+        """:func:`instantid.face.analyze_face`, kept per image contents, face-analysis object and detection sizes.
+
+        The result's arrays are read-only. Raises what ``analyze_face`` raises, with the same messages.
+        """
+        name = label or image_label(index)
+        sizes = tuple(int(s) for s in det_sizes)
+
+        def analyze() -> FaceResult | NoFace:
+            try:
+                return _frozen(analyze_face(app, image, index=index, det_sizes=sizes, label=name))
+            except NoFaceDetectedError:
+                return NoFace(int(image.shape[1]), int(image.shape[0]))
+
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.dtype != np.uint8:
+            return analyze_face(app, image, index=index, det_sizes=sizes, label=name)  # its own error
+        result = self._lookup("faces", ("face", app, image_digest(image), sizes), analyze)
+        if isinstance(result, NoFace):
+            raise NoFaceDetectedError(
+                f"No face detected in {name} ({result.width}x{result.height}) at {_sizes_text(sizes)}"
+            )
+        return result
+
+    def face_tokens(
+        self, weights: InstantIDWeights, embeds: Tensor, *, noise: float = 0.0, device: Any = None
+    ) -> tuple[Tensor, Tensor]:
+        """:func:`instantid.attention.face_tokens`, kept per adapter, embedding contents, noise and device."""
+        target = embeds.device if device is None else torch.device(device)
+        key = ("tokens", weights, by_contents(embeds), float(noise), str(target))
+        return self._lookup("tokens", key, lambda: face_tokens(weights, embeds, noise=noise, device=target))
+
+    def precompute_kv(
+        self, weights: InstantIDWeights, cond: Tensor, uncond: Tensor, *, dtype: torch.dtype, device: Any
+    ) -> tuple[IdentityKV, ...]:
+        """:func:`instantid.attention.precompute_kv`, kept per adapter, face-token tensors, dtype and device."""
+        key = ("kv", weights, cond, uncond, dtype, str(torch.device(device)))
+        return self._lookup(
+            "kv", key, lambda: precompute_kv(weights, cond, uncond, dtype=dtype, device=device)
+        )
+
+    def patched_model(self, model: Any, inputs: Any, build: Callable[[], Any]) -> Any:
+        """A fresh clone of the model ``build()`` makes from ``model`` and ``inputs`` (every input it depends
+        on besides the model), kept per model (weakly), :func:`model_fingerprint` and ``inputs``."""
+        key = ("model", model, model_fingerprint(model), inputs)
+        if "models" not in self.layers:
+            return build()
+        return self._lookup("models", key, build).clone()
+
+    # --- telemetry -----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Every layer's ``PatchCache.stats()`` as a dict, and the totals."""
+        layers = {name: cache.stats().as_dict() for name, cache in self.layers.items()}
+        hits = sum(s["hits"] for s in layers.values())
+        misses = sum(s["misses"] for s in layers.values())
+        return {
+            "enabled": self.enabled,
+            "max_mb": self.max_mb,
+            "max_entries": self.max_entries,
+            "layers": layers,
+            "hits": hits,
+            "misses": misses,
+            "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+            "bytes": sum(s["bytes"] for s in layers.values()),
+            "time_saved_s": sum(s["time_saved_s"] for s in layers.values()),
+        }
+
+    def clear(self) -> None:
+        """Drop every entry of every layer (counters are kept)."""
+        for cache in self.layers.values():
+            cache.clear()
+        logger.debug("InstantID caches cleared")
+
+    def summary(self) -> str:
+        """One line: hits/lookups per layer, bytes held, time saved."""
+        stats = self.stats()
+        if not stats["enabled"]:
+            return "InstantID cache: disabled"
+        parts = [f"{name} {s['hits']}/{s['hits'] + s['misses']}" for name, s in stats["layers"].items()]
+        return (
+            f"InstantID cache: hits {', '.join(parts)}; {stats['bytes'] / 2**20:.1f} MiB held; "
+            f"{stats['time_saved_s'] * 1e3:.0f} ms saved"
+        )
+
+
+_lock = threading.Lock()
+CACHES = InstantIDCaches()
+"""The process-wide caches the ComfyUI nodes and the diffusers path use."""
+
+
+def caches() -> InstantIDCaches:
+    """The process-wide caches (``CACHES``, as last set by :func:`configure`)."""
+    return CACHES
+
+
+def configure(max_mb: float | None = None, max_entries: int | None = None) -> InstantIDCaches:
+    """Replace the process-wide caches with new, empty ones of these sizes (``None``: from the environment)."""
+    global CACHES
+    with _lock:
+        CACHES = InstantIDCaches(max_mb, max_entries)
+    return CACHES
