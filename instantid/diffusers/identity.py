@@ -5,7 +5,9 @@ embedding, insightface results, or images with a face analysis app), runs the ad
 Resampler (:func:`instantid.attention.face_tokens`), projects the tokens through every
 layer's ``to_k_ip``/``to_v_ip`` (:func:`instantid.attention.precompute_kv`) on the UNet's
 device and dtype, and makes one :class:`IdentityAttnProcessor` per cross-attention layer. It
-reads the UNet and the adapter and changes neither; the result holds no adapter weight.
+reads the UNet and the adapter and changes neither; the result holds no adapter weight. The face
+analysis, the tokens and the K/V go through ``instantid.cache`` (kept per image pixels, embedding
+contents, adapter, dtype and device), so applying the same face again costs only the processors.
 
 Adapter layers are matched to the UNet's cross-attention modules in ``attn_processors`` order
 (the order the InstantID checkpoint was saved in), and every layer's widths are checked.
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from cow_model.diffusers import attention_paths, cross_attention_keys
-from instantid.attention import face_tokens, precompute_kv
+from instantid.cache import caches
 from instantid.diffusers.processor import BatchLayout, IdentityAttnProcessor, TimestepGate
 from instantid.face import CombineMode, FaceResult, analyze_faces, face_embeddings
 from instantid.layout import ARCHS
@@ -104,7 +106,7 @@ def face_embedding(
             )
         images = [item if isinstance(item, np.ndarray) else np.asarray(item.convert("RGB")) for item in items]
         batch = face if isinstance(face, np.ndarray) else images  # an array may hold a batch: N x H x W x 3
-        return face_embeddings(analyze_faces(face_analysis, batch), combine)
+        return face_embeddings(analyze_faces(face_analysis, batch, analyze=caches().analyze_face), combine)
     if isinstance(face, (Tensor, np.ndarray)):
         embeds = torch.as_tensor(face).detach().to(dtype=torch.float32)
         if embeds.shape[-1:] != (FACE_EMBEDDING_DIM,) or embeds.ndim > 3:
@@ -229,8 +231,8 @@ def prepare_identity(
     gate = TimestepGate(start, end, num_train_timesteps)
     device, dtype = _model_placement(unet)
     embeds = face_embedding(face, face_analysis=face_analysis, combine=combine)
-    cond_tokens, uncond_tokens = face_tokens(adapter, embeds, noise=noise, device=device)
-    kvs = precompute_kv(adapter, cond_tokens, uncond_tokens, dtype=dtype, device=device)
+    cond_tokens, uncond_tokens = caches().face_tokens(adapter, embeds, noise=noise, device=device)
+    kvs = caches().precompute_kv(adapter, cond_tokens, uncond_tokens, dtype=dtype, device=device)
     active_gate = None if gate.always else gate
     processors = {
         key: IdentityAttnProcessor(
