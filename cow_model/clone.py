@@ -89,7 +89,20 @@ class _ModelFirst:
         return self.fget(obj)
 
 
-class LazyClonedModel(nn.Module):
+class _CloneMaker(type):
+    """``LazyClonedModel(base)`` makes a clone; a clone class called as its model class makes a plain model.
+
+    So ``type(clone)(**config)`` and ``type(clone).from_pretrained(...)`` build the model, as for
+    the model's own class, and a clone class's ``__init__`` is the model's (its signature too).
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is LazyClonedModel:
+            return _make_clone(*args, **kwargs)
+        return cls.__cow_base_class__(*args, **kwargs)  # type: ignore[attr-defined]
+
+
+class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
     """``LazyClonedModel(base, *, check_writes=False)``: a copy-on-write clone of ``base`` (module doc).
 
     ``base`` may itself be a clone: the new clone shares with both and owns copies of what the
@@ -97,14 +110,6 @@ class LazyClonedModel(nn.Module):
     """
 
     __cow_base_class__: type[nn.Module] = nn.Module
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        if cls is not LazyClonedModel:  # type(clone)(...): a plain model, as the class it presents
-            return cls.__cow_base_class__(*args, **kwargs)
-        return _make_clone(*args, **kwargs)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        """Everything is set up by ``__new__``; the model's own ``__init__`` never runs on a clone."""
 
     @property  # type: ignore[misc]
     def __class__(self) -> type:
@@ -121,7 +126,9 @@ class LazyClonedModel(nn.Module):
         if not torch.compiler.is_compiling():
             state.follow()
             if state.check_writes:
-                with WriteGuard(state.protected_all, state.describe, "a forward through this clone"):
+                with WriteGuard(
+                    lambda: state.shared().protected, state.describe, "a forward through this clone"
+                ):
                     return super().__call__(*args, **kwargs)
         return super().__call__(*args, **kwargs)
 
@@ -146,24 +153,51 @@ class LazyClonedModel(nn.Module):
         """
         names = path.split(".") if path else []
         state = self._cow
-        undo: list[Callable[[], None]] = []
-        chain, origin = self._cow_path_copy(path, names, undo)
-        scope = Scope(state, chain[-1], f"the patch function for {path!r}", undo, origin=origin)
-        with scope:
-            result = fn(chain[-1])
-            if result is not None and not isinstance(result, nn.Module):
-                raise TypeError(
-                    f"patch function for {path!r} must return None or a torch.nn.Module; got {_describe(result)}"
-                )
-            installed = chain[-1] if result is None else result
+        with state.lock:
+            inside = self._cow_open_scope(f"patch_block({path!r})")
+            undo: list[Callable[[], None]] = []
+            chain, origin = self._cow_path_copy(path, names, undo)
+            if inside:  # a scoped method patching: its open scope covers the tree and commits for us
+                return self._cow_install(path, names, chain, fn(chain[-1]), undo)
+            scope = Scope(state, chain[-1], f"the patch function for {path!r}", undo, origin=origin)
+            with scope:
+                installed = self._cow_install(path, names, chain, fn(chain[-1]), undo)
             if installed is not chain[-1]:
-                if not names:
-                    raise TypeError("patch_block('') cannot replace the root of a clone; patch its children")
-                parent = chain[-2]._modules
-                undo.append(functools.partial(link, parent, names[-1], parent[names[-1]], chain[-2]))
-                link(parent, names[-1], installed, chain[-2])
-                scope.root = installed
-        return installed
+                scope.adopt(installed)
+            return installed
+
+    def _cow_install(
+        self, path: str, names: list[str], chain: list[nn.Module], result: Any, undo: list[Callable[[], None]]
+    ) -> nn.Module:
+        """Check a patch function's result and put a replacement module in place of ``chain[-1]``."""
+        if result is not None and not isinstance(result, nn.Module):
+            raise TypeError(
+                f"patch function for {path!r} must return None or a torch.nn.Module; got {_describe(result)}"
+            )
+        if result is None or result is chain[-1]:
+            return chain[-1]
+        if not names:
+            raise TypeError("patch_block('') cannot replace the root of a clone; patch its children")
+        parent = chain[-2]._modules
+        undo.append(functools.partial(link, parent, names[-1], parent[names[-1]], chain[-2]))
+        link(parent, names[-1], result, chain[-2])
+        return result
+
+    def _cow_open_scope(self, what: str) -> bool:
+        """Whether a scope over the whole tree is open in this thread (the caller holds the lock).
+
+        Raises ``SharedWeightsError`` when only a patch function's scope is open: a method that
+        changes the whole clone cannot run inside a patch of part of it.
+        """
+        scopes = self._cow.scopes
+        if not scopes:
+            return False
+        if any(scope.root is self for scope in scopes):
+            return True
+        raise SharedWeightsError(
+            f"{what} was called inside the patch function for a part of this clone; call it before or after "
+            "patch_block, or patch the root (patch_block('', fn)) to change the whole clone in one go"
+        )
 
     def _cow_path_copy(
         self, path: str, names: list[str], undo: list[Callable[[], None]]
@@ -204,12 +238,16 @@ class LazyClonedModel(nn.Module):
         )
 
     def _cow_scoped(self, what: str, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` in a scope over the whole tree (nested calls run inside the open scope)."""
+        """Run ``fn`` in a scope over the whole tree (nested calls run inside the open scope).
+
+        One thread at a time changes a clone: a second thread waits for the first one's scope.
+        """
         state = self._cow
-        if state.scopes:
-            return fn()
-        with Scope(state, self, what):
-            return fn()
+        with state.lock:
+            if self._cow_open_scope(what):
+                return fn()
+            with Scope(state, self, what):
+                return fn()
 
     @property
     def private_paths(self) -> list[str]:
@@ -437,20 +475,26 @@ def _make_clone(base: Any = None, *, check_writes: bool = False) -> LazyClonedMo
 def _copy_parent_owned(root: nn.Module, parent: CloneState, state: CloneState) -> None:
     """Give a child clone its own copies of the modules and tensors its parent owns (O(parent's own))."""
     stack = [root]
-    copies: dict[int, nn.Module] = {}
+    shells: dict[int, nn.Module] = {}
+    copies: dict[int, torch.Tensor] = {}
     while stack:
         module = stack.pop()
         for container, name, tensor in list(tensor_slots(module)):
             if id(tensor) in parent.own_tensors or id(tensor) in parent.aliases:
-                made = tensor if id(tensor) in state.aliases else alias(tensor)
+                made = copies.get(id(tensor))
+                if made is None and tensor.requires_grad:  # trainable: the child trains its own copy
+                    made = copies[id(tensor)] = _private_copy(tensor)
+                    state.own_tensors[id(made)] = made
+                elif made is None:  # frozen: shared bytes, the child's own object
+                    made = copies[id(tensor)] = alias(tensor)
+                    state.freeze_alias(made)
                 container[name] = made
-                state.freeze_alias(made)
         for name, child in list(module._modules.items()):
             if child is None or id(child) not in parent.owned:
                 continue
-            shell = copies.get(id(child))
+            shell = shells.get(id(child))
             if shell is None:
-                shell = copies[id(child)] = shell_copy(child)
+                shell = shells[id(child)] = shell_copy(child)
                 origin = parent.origins.get(id(child))
                 state.adopt_shell(shell, origin.original if origin is not None else child)
                 stack.append(shell)
@@ -511,5 +555,5 @@ def register_scoped_method(name: str, method: Callable[..., Any] | None = None) 
         _install_scoped(cls, name, method)
 
 
-for _name in ("apply", "requires_grad_", "zero_grad"):
+for _name in ("apply", "requires_grad_", "zero_grad", "set_submodule"):
     register_scoped_method(_name)

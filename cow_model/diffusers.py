@@ -171,6 +171,12 @@ SCOPED_METHODS = (
     "unfuse_lora",
     "unload_lora",
     "load_lora_adapter",
+    "compile_repeated_blocks",
+    "enable_group_offload",
+    "set_attention_backend",
+    "reset_attention_backend",
+    "enable_npu_flash_attention",
+    "enable_xla_flash_attention",
 )
 """Methods of diffusers models (and PEFT's mixins on them) that change the model in place."""
 

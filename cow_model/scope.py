@@ -120,15 +120,13 @@ class Scope:
         self.covered: list[tuple[nn.Module, dict[str, dict[str, Any]]]] = []
         self.links: dict[int, list[tuple[nn.Module, str]]] = {}  # id(shell) -> (parent, name) it is read at
         self._guard: WriteGuard | None = None
-        self._protected: Protected | None = None
 
     # -- covering ------------------------------------------------------------------------------
 
     def __enter__(self) -> Scope:
+        self.state.lock.acquire()
         self.state.scopes.append(self)
         self._cover(self.root, snapshot=self.origin is None)
-        if self.origin is None:
-            self.protected()  # the tree as it is before the block; a fresh root's origin stays as it is
         self._guard = WriteGuard(self.protected, self.state.describe, self.what)
         self._guard.__enter__()
         return self
@@ -167,23 +165,8 @@ class Scope:
         return pair[0]
 
     def protected(self) -> Protected:
-        """Storages and tensor objects the block must not write: those the clone shares (lazy, once)."""
-        if self._protected is None:
-            storages: set[tuple[str, int]] = set()
-            objects: set[int] = set()
-            state = self.state
-            for tensor in _raw_tensors(self.origin if self.origin is not None else self.root):
-                if id(tensor) not in state.own_tensors:
-                    key = storage_id(tensor)
-                    if key is not None:
-                        storages.add(key)
-                    if id(tensor) not in state.aliases:
-                        objects.add(id(tensor))
-            for made, source in self.aliases.values():
-                objects.add(id(source))
-                objects.discard(id(made))
-            self._protected = (storages, objects)
-        return self._protected
+        """Storages and tensor objects the block must not write: the base's (``CloneState.shared``)."""
+        return self.state.shared().protected
 
     # -- closing -------------------------------------------------------------------------------
 
@@ -197,7 +180,7 @@ class Scope:
                 self._rollback()
         finally:
             self.state.scopes.pop()
-            self.state.changed()
+            self.state.lock.release()
 
     def _uncover(self) -> None:
         """Plain dicts back in every covered module (a module's own dict objects where it had them)."""
@@ -261,7 +244,7 @@ class Scope:
             if kind == "_modules":
                 if id(value) not in state.owned:
                     self._adopt_module(value, known, copies)
-            elif id(value) in kept:
+            elif id(value) in kept and not value.requires_grad:
                 state.adopt_tensor(value, kept[id(value)])
             else:
                 self._adopt_tensor(module.__dict__[kind], key, value, copies)
@@ -269,21 +252,38 @@ class Scope:
     def _adopt_tensor(
         self, held: dict[str, Any], key: str, tensor: torch.Tensor, copies: dict[int, Any]
     ) -> None:
-        """A tensor the block put in the clone becomes the clone's; one viewing shared bytes is copied."""
+        """A tensor the block put in the clone becomes the clone's (module doc, step 3).
+
+        The base's own tensor objects stay shared wherever the block put them; a new tensor object
+        viewing the base's bytes (``weight.data`` wrapped in a parameter, an alias made trainable)
+        is copied first, so that training or converting it cannot write the base.
+        """
         state = self.state
         if id(tensor) in state.own_tensors or id(tensor) in state.aliases:
             return
-        if storage_id(tensor) in self.protected()[0]:
+        shared = state.shared()
+        if id(tensor) in shared.objects:
+            return
+        if storage_id(tensor) in shared.storages:
             if id(tensor) not in copies:
                 copies[id(tensor)] = _private_copy(tensor)
             tensor = held[key] = copies[id(tensor)]
         state.own_tensors[id(tensor)] = tensor
 
+    def adopt(self, module: nn.Module) -> None:
+        """After the block: ``module``, which it installed outside the covered dicts (a patch's return value), becomes the clone's."""
+        known = {id(source) for _, source in self.aliases.values()} | {id(o) for _, o in self.shells.values()}
+        if id(module) not in self.state.owned:
+            self._adopt_module(module, known, {})
+
     def _adopt_module(self, module: nn.Module, known: set[int], copies: dict[int, Any]) -> None:
         """A module the block installed becomes the clone's, with the tensors it holds."""
+        base_modules = self.state.shared().modules
         stack = [module]
         while stack:
             current = stack.pop()
+            if id(current) in base_modules:
+                continue  # a module of the base the block placed here: still shared
             self.state.owned[id(current)] = current
             for kind in ("_parameters", "_buffers"):
                 held = current.__dict__[kind]
@@ -293,22 +293,6 @@ class Scope:
             for child in current._modules.values():
                 if child is not None and id(child) not in known and id(child) not in self.state.owned:
                     stack.append(child)
-
-
-def _raw_tensors(root: nn.Module) -> Iterator[torch.Tensor]:
-    """Every tensor under ``root`` as held now, without resolving on-access dicts."""
-    seen = {id(root)}
-    stack = [root]
-    while stack:
-        module = stack.pop()
-        for kind in ("_parameters", "_buffers"):
-            for tensor in dict.values(module.__dict__[kind]):
-                if tensor is not None:
-                    yield tensor
-        for child in dict.values(module.__dict__["_modules"]):
-            if child is not None and id(child) not in seen:
-                seen.add(id(child))
-                stack.append(child)
 
 
 def _private_copy(tensor: torch.Tensor) -> torch.Tensor:

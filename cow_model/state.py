@@ -17,6 +17,7 @@ the clone's ``to()``).
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,10 +26,23 @@ import torch
 from torch import nn
 
 from .guard import Protected
-from .tree import all_modules, named_tensors, storage_id, tensor_slots
+from .tree import named_tensors, raw_modules, raw_tensors, storage_id, tensor_slots
 
 if TYPE_CHECKING:
     from .scope import Scope
+
+
+@dataclass
+class Shared:
+    """Storages (``storage_id``), tensor objects and modules (``id``) of a clone's base."""
+
+    storages: set[tuple[str, int]]
+    objects: set[int]
+    modules: set[int]
+
+    @property
+    def protected(self) -> Protected:
+        return (self.storages, self.objects)
 
 
 @dataclass
@@ -64,7 +78,8 @@ class CloneState:
         self.aliases: dict[int, _AliasOf] = {}
         self.origins: dict[int, _Origin] = {}
         self.scopes: list[Scope] = []
-        self._all_protected: Protected | None = None
+        self._shared: Shared | None = None
+        self.lock = threading.RLock()
 
     # -- ownership -----------------------------------------------------------------------------
 
@@ -91,8 +106,8 @@ class CloneState:
         """Record ``tensor`` as an alias of bytes the clone shares but does not follow (a parent's own)."""
         self.aliases[id(tensor)] = _AliasOf(weakref.ref(tensor), None, ())
 
-    def changed(self) -> None:
-        self._all_protected = None
+    def base_changed(self) -> None:
+        self._shared = None
 
     # -- following the base --------------------------------------------------------------------
 
@@ -117,7 +132,7 @@ class CloneState:
                         if mine.get(name) is tensor:
                             mine[name] = now
                         inherited[name] = now
-                        self.changed()
+                        self.base_changed()
 
     def _follow_aliases(self) -> None:
         for key, record in list(self.aliases.items()):
@@ -133,34 +148,30 @@ class CloneState:
                 if _view_key(alias)[0] == record.viewing[0]:
                     alias.data = source.detach()
                 record.viewing = now
-                self.changed()
+                self.base_changed()
 
     # -- questions -----------------------------------------------------------------------------
 
-    def shared_storages_of(self, modules: list[nn.Module]) -> set[tuple[str, int]]:
-        """Storages of the tensors held by ``modules`` that the clone does not own."""
-        found = set()
-        for module in modules:
-            for _, _, tensor in tensor_slots(module):
-                if id(tensor) not in self.own_tensors:
+    def shared(self) -> Shared:
+        """What the clone shares with its base: the base's storages, tensor objects and modules.
+
+        Read from the base's own tree (never from the clone's, so nothing the clone does can make
+        its own tensors look shared or the base's look owned); cached until the base is seen to
+        change. A base that is itself a clone answers with its tree as it is now.
+        """
+        if self._shared is None:
+            storages: set[tuple[str, int]] = set()
+            objects: set[int] = set()
+            modules: set[int] = set()
+            for module in raw_modules(self.base):
+                modules.add(id(module))
+                for tensor in raw_tensors(module):
+                    objects.add(id(tensor))
                     key = storage_id(tensor)
                     if key is not None:
-                        found.add(key)
-        return found
-
-    def protected_all(self) -> Protected:
-        """Storages and tensor objects of the whole tree shared with the base (cached until a change)."""
-        if self._all_protected is None:
-            root = self.root()
-            modules = all_modules(root) if root is not None else []
-            objects = {
-                id(t)
-                for m in modules
-                for _, _, t in tensor_slots(m)
-                if id(t) not in self.own_tensors and id(t) not in self.aliases
-            }
-            self._all_protected = (self.shared_storages_of(modules), objects)
-        return self._all_protected
+                        storages.add(key)
+            self._shared = Shared(storages, objects, modules)
+        return self._shared
 
     def describe(self, tensor: torch.Tensor) -> str:
         """A name for ``tensor`` in the clone's tree, by object or by the storage it views."""

@@ -215,6 +215,28 @@ def all_modules(root: nn.Module) -> list[nn.Module]:
     return found
 
 
+def raw_modules(root: nn.Module) -> list[nn.Module]:
+    """Every distinct module under ``root`` as held now, without going through a scope's on-access dicts."""
+    seen = {id(root)}
+    found = [root]
+    stack = [root]
+    while stack:
+        for child in dict.values(stack.pop().__dict__["_modules"]):
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                found.append(child)
+                stack.append(child)
+    return found
+
+
+def raw_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    """The parameters and buffers ``module`` holds directly, as held now (no scope stand-ins made)."""
+    for kind in ("_parameters", "_buffers"):
+        for tensor in dict.values(module.__dict__[kind]):
+            if tensor is not None:
+                yield tensor
+
+
 def tensor_slots(module: nn.Module) -> Iterator[tuple[dict[str, Any], str, torch.Tensor]]:
     """``(container, name, tensor)`` for every parameter and buffer held directly by ``module``."""
     for tensors in (module._parameters, module._buffers):
