@@ -23,7 +23,7 @@ import copy
 import functools
 import types
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -201,32 +201,30 @@ def same_tensor_view(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def all_modules(root: nn.Module) -> list[nn.Module]:
-    """Every distinct module under ``root`` (``root`` included), depth first, without building names."""
+def _walk(root: nn.Module, children: Callable[[nn.Module], Iterable[nn.Module | None]]) -> list[nn.Module]:
     seen = {id(root)}
     found = [root]
     stack = [root]
     while stack:
-        for child in stack.pop()._modules.values():
+        for child in children(stack.pop()):
             if child is not None and id(child) not in seen:
                 seen.add(id(child))
                 found.append(child)
                 stack.append(child)
     return found
+
+
+def all_modules(root: nn.Module) -> list[nn.Module]:
+    """Every distinct module under ``root`` (``root`` included), depth first, without building names.
+
+    Inside a scope, children are read through its on-access dicts (they become the clone's stand-ins).
+    """
+    return _walk(root, lambda module: module._modules.values())
 
 
 def raw_modules(root: nn.Module) -> list[nn.Module]:
     """Every distinct module under ``root`` as held now, without going through a scope's on-access dicts."""
-    seen = {id(root)}
-    found = [root]
-    stack = [root]
-    while stack:
-        for child in dict.values(stack.pop().__dict__["_modules"]):
-            if child is not None and id(child) not in seen:
-                seen.add(id(child))
-                found.append(child)
-                stack.append(child)
-    return found
+    return _walk(root, lambda module: dict.values(module.__dict__["_modules"]))
 
 
 def raw_tensors(module: nn.Module) -> Iterator[torch.Tensor]:

@@ -20,43 +20,7 @@ import torch
 from torch import nn
 
 from cow_model import LazyClonedModel, SharedWeightsError
-
-
-def small_model(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(4, 8),
-        nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)),
-        nn.Linear(8, 2),
-    ).eval()
-
-
-def state(model: nn.Module) -> dict[str, Any]:
-    """Everything about a model a clone must not change."""
-    return {
-        "tensors": {
-            name: (id(t), t.dtype, t.requires_grad, t.data_ptr(), t.detach().clone(), t.grad)
-            for name, t in [*model.named_parameters(), *model.named_buffers()]
-        },
-        "modules": [
-            (name, id(m), m.training, dict(m._forward_hooks), dict(m._forward_pre_hooks))
-            for name, m in model.named_modules(remove_duplicate=False)
-        ],
-    }
-
-
-def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
-    assert before["modules"] == after["modules"]
-    assert before["tensors"].keys() == after["tensors"].keys()
-    for name, (ident, dtype, grad, ptr, value, g) in before["tensors"].items():
-        now = after["tensors"][name]
-        assert now[:4] == (ident, dtype, grad, ptr), name
-        assert torch.equal(now[4], value), name
-        assert now[5] is g, name
-
-
-X = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
-
+from tests.core.helpers import X, assert_same, small_model, state
 
 # -- clones of clones ---------------------------------------------------------------------------
 
@@ -83,7 +47,7 @@ def test_a_child_never_converts_what_its_parent_replaced_or_its_base() -> None:
     assert all(not p.requires_grad for p in parent.parameters())
     parent.patch_block("2", lambda m: setattr(m, "bias", nn.Parameter(torch.ones(2))))
     assert torch.equal(child(X), parent_out)  # the parent's later changes do not reach its child
-    assert_same(before, state(base))
+    assert_same(before, base)
 
 
 # -- callables bound to the original --------------------------------------------------------------
@@ -108,7 +72,7 @@ def test_an_instance_level_forward_runs_the_clones_patches() -> None:
         + base[2].weight.sum() * 0
         + (base[1][1](torch.zeros(5, 8)) @ base[2].weight.T),
     )
-    assert_same(before, state(base))
+    assert_same(before, base)
 
 
 def test_accelerate_hooks_run_on_the_clone() -> None:
@@ -121,7 +85,7 @@ def test_accelerate_hooks_run_on_the_clone() -> None:
     expected = base[2](base[1][1](torch.zeros(5, 8)))
     assert torch.allclose(clone(X), expected)
     assert not torch.allclose(base(X), expected)
-    assert_same(before, state(base))
+    assert_same(before, base)
 
 
 def test_compiled_models_run_the_clones_patches() -> None:
@@ -169,14 +133,14 @@ def test_training_mode_forward_writes_only_the_clones_buffers() -> None:
     assert not torch.equal(clone[1][1].running_mean, base[1][1].running_mean)
     assert int(clone[1][1].num_batches_tracked) == 1
     assert clone[1][0].weight is base[1][0].weight  # parameters stay shared
-    assert_same(before, state(base))
+    assert_same(before, base)
 
 
 def test_a_base_left_in_training_mode_is_not_written_by_a_clones_forward() -> None:
     base = small_model().train()
     before = state(base)
     LazyClonedModel(base)(X)
-    assert_same(before, state(base))
+    assert_same(before, base)
 
 
 def test_train_runs_the_models_own_override_and_reaches_every_path_of_a_shared_module() -> None:
@@ -206,7 +170,7 @@ def test_parametrizations_inside_a_patch_act_on_the_clone() -> None:
     clone(X).sum().backward()
     optimizer.step()
     base.requires_grad_(True)
-    assert_same(before, state(base))
+    assert_same(before, base)
 
 
 class Identity(nn.Module):
@@ -225,7 +189,7 @@ def test_an_identity_right_inverse_is_no_false_positive_of_check_writes() -> Non
     clone = LazyClonedModel(base, check_writes=True)
     clone.patch_block("0", lambda m: parametrize.register_parametrization(m, "weight", Identity()))
     assert torch.equal(clone(X), base(X))
-    assert_same(before, state(base))
+    assert_same(before, base)
 
 
 def test_a_patch_reaching_a_shared_childs_hooks_or_config_stays_in_the_clone() -> None:
@@ -241,7 +205,7 @@ def test_a_patch_reaching_a_shared_childs_hooks_or_config_stays_in_the_clone() -
     clone.patch_block("1", patch)
     assert base[1].config == {"scale": 1} and clone[1].config == {"scale": 2}
     assert clone[2].weight is base[2].weight
-    assert_same(before, state(base))
+    assert_same(before, base)
 
 
 # -- mutating methods -----------------------------------------------------------------------------
@@ -260,7 +224,7 @@ def test_apply_share_memory_and_zero_grad_are_scoped_or_refused() -> None:
     with pytest.raises(SharedWeightsError, match="share_memory"):
         clone.share_memory()
     clone.zero_grad()
-    assert_same(before, state(base))
+    assert_same(before, base)
 
 
 # -- following the base, ties, identity -----------------------------------------------------------
@@ -373,4 +337,4 @@ def test_eight_threads_on_eight_clones_of_one_base() -> None:
         thread.join()
     for got, expected in zip(results, alone, strict=True):
         assert torch.equal(got, expected)
-    assert_same(before, state(base))
+    assert_same(before, base)
