@@ -11,7 +11,9 @@ which ComfyUI never calls).
 Importing this module registers the ``instantid`` models folder with ComfyUI's ``folder_paths``
 (``models/instantid``, keeping paths already configured for it, e.g. by extra_model_paths.yaml),
 and installs ``cow_model.comfy``'s copy-on-write ``ModelPatcher.clone`` for every node when the
-environment variable ``COW_MODEL_COMFY_CLONE`` asks for it (off by default).
+environment variable ``COW_MODEL_COMFY_CLONE`` asks for it (off by default), and installs the
+InstantID cache telemetry (``instantid.comfy.telemetry``: the ``/instantid/cache`` routes, one log line
+per run, the caches cleared when ComfyUI unloads all models).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from instantid.comfy.conditioning import (
 )
 from instantid.comfy.errors import InstantIDNodeError
 from instantid.comfy.faces import embeddings, keypoint_images
+from instantid.comfy.telemetry import install as install_telemetry
 from instantid.face import CombineMode, load_face_analysis
 from instantid.weights import InstantIDWeights, load_instantid
 
@@ -58,6 +61,7 @@ def register_models_folder() -> None:
 
 register_models_folder()
 install_from_env()
+install_telemetry()
 
 
 def _float(default: float, low: float, high: float, step: float) -> tuple[str, dict[str, float]]:
