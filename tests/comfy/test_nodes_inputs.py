@@ -139,11 +139,14 @@ def test_a_mask_of_another_size_is_accepted_and_passed_on(
     assert torch.isfinite(latent).all()
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 32, 32), (32,)])
-def test_a_mask_of_a_wrong_rank_is_refused(
+@pytest.mark.parametrize("shape", [(1, 1, 32, 32), (32,), (1, 64, 0)])
+def test_a_mask_of_a_wrong_rank_or_without_pixels_is_refused(
     comfy: comfyui.ComfyUI, face_app: Any, tiny_controlnet: Callable[..., Any], shape: tuple[int, ...]
 ) -> None:
-    with pytest.raises(InstantIDNodeError, match=r"expected a MASK of shape \[H, W\] or \[B, H, W\]"):
+    with pytest.raises(
+        InstantIDNodeError,
+        match=r"`mask` has shape .*expected a non-empty MASK of shape \[H, W\] or \[B, H, W\]",
+    ):
         _apply(comfy, face_app, tiny_controlnet("sd15"), mask=torch.ones(shape))
 
 
@@ -169,7 +172,11 @@ def test_attention_patch_and_controlnet_nodes(
 ) -> None:
     nodes = pack_nodes(comfy)
     base = shared_patcher(comfy, "sd15")
-    common = {"instantid": shared_adapter(comfy, "sd15"), "insightface": face_app, "image": face_image(40, 60)}
+    common = {
+        "instantid": shared_adapter(comfy, "sd15"),
+        "insightface": face_app,
+        "image": face_image(40, 60),
+    }
     unpatched, embeds = comfyui.run_node(
         nodes.InstantIDAttentionPatch, model=base, weight=0.0, start_at=0.0, end_at=1.0, noise=0.0, **common
     )
@@ -181,8 +188,16 @@ def test_attention_patch_and_controlnet_nodes(
 
     positive, negative = comfyui.conditioning("sd15", 1), comfyui.conditioning("sd15", 2)
     kps = face_image(40, 60)
-    args = {"face_embeds": embeds, "control_net": tiny_controlnet("sd15"), "image_kps": kps, "start_at": 0.1, "end_at": 0.9}
-    same = comfyui.run_node(nodes.ApplyInstantIDControlNet, positive=positive, negative=negative, strength=0.0, **args)
+    args = {
+        "face_embeds": embeds,
+        "control_net": tiny_controlnet("sd15"),
+        "image_kps": kps,
+        "start_at": 0.1,
+        "end_at": 0.9,
+    }
+    same = comfyui.run_node(
+        nodes.ApplyInstantIDControlNet, positive=positive, negative=negative, strength=0.0, **args
+    )
     assert same == (positive, negative)
     new_positive, new_negative = comfyui.run_node(
         nodes.ApplyInstantIDControlNet, positive=positive, negative=negative, strength=0.7, **args
@@ -202,7 +217,11 @@ def test_advanced_node_combines_several_faces(
     nodes = pack_nodes(comfy)
     images = torch.cat([face_image(40, 60), face_image(700, 300)])
     common = {
-        "node": nodes.ApplyInstantIDAdvanced, "image": images, "ip_weight": 0.7, "cn_strength": 0.4, "noise": 0.0,
+        "node": nodes.ApplyInstantIDAdvanced,
+        "image": images,
+        "ip_weight": 0.7,
+        "cn_strength": 0.4,
+        "noise": 0.0,
     }
     common.pop("weight", None)
     control_net = tiny_controlnet("sd15")
