@@ -38,7 +38,7 @@ tens like real antelopev2's, and a test can recompute it from the crop (``recogn
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -180,6 +180,18 @@ def _detector_level(stride: int, feature: str) -> tuple[list[onnx.NodeProto], tu
 def build_detector(keypoints: bool = True) -> onnx.ModelProto:
     """The SCRFD-layout tag detector described in the module docstring; without ``keypoints``, the
     six-output SCRFD variant (scores and boxes only)."""
+    nodes, graph_outputs = _tag_detector(keypoints)
+    graph = helper.make_graph(
+        nodes,
+        "scrfd_like_tag_detector",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "height", "width"])],
+        graph_outputs,
+    )
+    return _model(graph)
+
+
+def _tag_detector(keypoints: bool = True) -> tuple[list[onnx.NodeProto], list[onnx.ValueInfoProto]]:
+    """The tag detector's nodes (reading ``input.1``) and its graph outputs."""
     # Distances are in stride units (insightface multiplies by the stride). With t = 3 s sqrt(S) and the
     # face box side 3 t: half the box is 4.5 * FACE_PER_TAG / 3 * sqrt(S) strides; keypoints likewise.
     per_extent = 3.0 * FACE_PER_TAG
@@ -220,13 +232,7 @@ def build_detector(keypoints: bool = True) -> onnx.ModelProto:
         for kind in (("score", "bbox", "kps") if keypoints else ("score", "bbox"))
         for name in outputs[kind]
     ]
-    graph = helper.make_graph(
-        nodes,
-        "scrfd_like_tag_detector",
-        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "height", "width"])],
-        graph_outputs,
-    )
-    return _model(graph)
+    return nodes, graph_outputs
 
 
 def recognizer_weights(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -292,3 +298,282 @@ def build_antelopev2_like(root: Path, recognizer: RecognizerKind = "random", see
     onnx.save(build_detector(), str(folder / DETECTOR_FILE))
     onnx.save(build_recognizer(recognizer, seed), str(folder / RECOGNIZER_FILE))
     return Path(root)
+
+
+# --- real-cost stand-ins ---------------------------------------------------------------------------
+#
+# antelopev2's two models with their real architectures, input sizes and compute, and random weights, so
+# that face-analysis timings are honest. Each adds its network's output, scaled by ``REAL_COST_MIX``, to
+# the small stand-in's output above: detection and embeddings stay those of the tag detector and the
+# pool-and-project recognizer (the tests' and benches' images still work), and onnxruntime must still
+# run every convolution (nothing is constant, so nothing is folded away). Batch norms are left out: the
+# published models' are folded into their convolutions by onnxruntime at load, so they cost nothing there.
+
+REAL_COST_MIX = 1e-4
+"""Scale of the real-architecture network's (bounded) output added to the small stand-in's output."""
+
+SCRFD_10G: dict[str, Any] = {
+    "stem": (28, 28, 56),
+    "stage_blocks": (3, 4, 2, 3),
+    "stage_planes": (56, 88, 88, 224),
+    "neck": 56,
+    "head": 80,
+    "head_convs": 3,
+    "anchors": 2,
+}
+"""SCRFD-10G-BNKPS (insightface ``scrfd_10g_bnkps.py``): ResNetV1e backbone with a deep stem and BasicBlocks,
+PAFPN neck on strides 8, 16, 32, per-stride heads of three 3x3 convolutions, two anchors per position."""
+
+IRESNET_100: dict[str, Any] = {
+    "stem": 64,
+    "layers": (3, 13, 30, 3),
+    "planes": (64, 128, 256, 512),
+    "embedding": 512,
+}
+"""iResNet-100 (insightface ``arcface_torch/backbones/iresnet.py``, glintr100): 112x112 input, IBasicBlocks."""
+
+
+class _Net:
+    """A tiny ONNX graph builder for convolutional networks, counting multiply-accumulates as it goes."""
+
+    def __init__(self, prefix: str, seed: int, width: float) -> None:
+        self.prefix = prefix
+        self.rng = np.random.default_rng(seed)
+        self.width = width
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.macs = 0
+        self._count = 0
+
+    def channels(self, c: int) -> int:
+        return max(4, round(c * self.width))
+
+    def name(self, what: str) -> str:
+        self._count += 1
+        return f"{self.prefix}{what}_{self._count}"
+
+    def tensor(self, array: np.ndarray, what: str) -> str:
+        name = self.name(what)
+        dtype = np.int64 if array.dtype.kind in "iu" else np.float32
+        self.initializers.append(numpy_helper.from_array(array.astype(dtype), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], what: str, **attrs: Any) -> str:
+        out = self.name(what)
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def conv(
+        self,
+        x: str,
+        size: tuple[int, int],
+        cin: int,
+        cout: int,
+        *,
+        k: int = 3,
+        stride: int = 1,
+        act: str | None = "relu",
+        gain: float = 1.0,
+    ) -> tuple[str, tuple[int, int]]:
+        """``k x k`` convolution (He-initialised, scaled by ``gain``) with bias, then ReLU / PReLU / nothing."""
+        std = gain * np.sqrt(2.0 / (cin * k * k))
+        weight = self.rng.standard_normal((cout, cin, k, k), dtype=np.float32) * np.float32(std)
+        bias = np.zeros(cout, dtype=np.float32)
+        out_size = (size[0] // stride, size[1] // stride)
+        y = self.node(
+            "Conv",
+            [x, self.tensor(weight, "w"), self.tensor(bias, "b")],
+            "conv",
+            kernel_shape=[k, k],
+            strides=[stride, stride],
+            pads=[k // 2] * 4,
+        )
+        self.macs += out_size[0] * out_size[1] * cin * k * k * cout
+        if act == "relu":
+            y = self.node("Relu", [y], "relu")
+        elif act == "prelu":
+            y = self.node("PRelu", [y, self.tensor(np.full((cout, 1, 1), 0.25), "slope")], "prelu")
+        return y, out_size
+
+
+def _scrfd_basic_block(
+    net: _Net, x: str, size: tuple[int, int], cin: int, cout: int, stride: int
+) -> tuple[str, tuple[int, int]]:
+    y, out = net.conv(x, size, cin, cout, stride=stride)
+    y, _ = net.conv(y, out, cout, cout, act=None, gain=0.3)
+    shortcut = x
+    if stride != 1:
+        shortcut = net.node(
+            "AveragePool", [shortcut], "down", kernel_shape=[stride, stride], strides=[stride, stride]
+        )
+    if stride != 1 or cin != cout:
+        shortcut, _ = net.conv(shortcut, out, cin, cout, k=1, act=None)
+    return net.node("Relu", [net.node("Add", [y, shortcut], "add")], "relu"), out
+
+
+def scrfd_10g_heads(net: _Net, x: str, size: tuple[int, int] = (640, 640)) -> dict[int, tuple[str, str, str]]:
+    """SCRFD-10G's backbone, neck and heads on ``x`` (normalised ``1x3xHxW``): per stride the raw class,
+    box and keypoint maps ``[1, 2 * (1 | 4 | 10), H / s, W / s]``. MACs are counted at ``size``."""
+    cfg = SCRFD_10G
+    c = net.channels
+    stem = [c(w) for w in cfg["stem"]]
+    y, hw = net.conv(x, size, 3, stem[0], stride=2)
+    y, hw = net.conv(y, hw, stem[0], stem[1])
+    y, hw = net.conv(y, hw, stem[1], stem[2])
+    y = net.node("MaxPool", [y], "pool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    hw = (hw[0] // 2, hw[1] // 2)
+    cin = stem[2]
+    features: list[tuple[str, tuple[int, int], int]] = []
+    for stage, (blocks, planes) in enumerate(zip(cfg["stage_blocks"], cfg["stage_planes"], strict=True)):
+        cout = c(planes)
+        for b in range(blocks):
+            y, hw = _scrfd_basic_block(net, y, hw, cin, cout, 2 if (b == 0 and stage > 0) else 1)
+            cin = cout
+        if stage > 0:
+            features.append((y, hw, cout))
+    neck = c(cfg["neck"])
+    laterals = [net.conv(f, s, ch, neck, k=1, act=None) for f, s, ch in features]
+    tops = [name for name, _ in laterals]
+    scales = net.tensor(np.array([1.0, 1.0, 2.0, 2.0]), "scales")
+    for i in (1, 0):  # top-down
+        up = net.node("Resize", [tops[i + 1], "", scales], "up", mode="nearest")
+        tops[i] = net.node("Add", [tops[i], up], "topdown")
+    sizes = [s for _, s, _ in features]
+    outs = [net.conv(t, s, neck, neck, act=None)[0] for t, s in zip(tops, sizes, strict=True)]
+    for i in (1, 2):  # bottom-up (PAFPN)
+        down, _ = net.conv(outs[i - 1], sizes[i], neck, neck, stride=2, act=None)
+        outs[i] = net.conv(net.node("Add", [outs[i], down], "bottomup"), sizes[i], neck, neck, act=None)[0]
+    head = c(cfg["head"])
+    anchors = cfg["anchors"]
+    result: dict[int, tuple[str, str, str]] = {}
+    for stride, feature, s in zip(STRIDES, outs, sizes, strict=True):
+        h, ch = feature, neck
+        for _ in range(cfg["head_convs"]):
+            h, _ = net.conv(h, s, ch, head)
+            ch = head
+        cls, box, kps = (net.conv(h, s, head, anchors * k, act=None, gain=0.5)[0] for k in (1, 4, 10))
+        result[stride] = (cls, box, kps)
+    return result
+
+
+def _anchor_rows(net: _Net, x: str, width: int) -> str:
+    """``[1, 2 * width, h, w]`` -> ``[2 * h * w, width]`` (anchor index fastest), as SCRFD's outputs are laid out."""
+    t = net.node("Transpose", [x], "nhwc", perm=[0, 2, 3, 1])
+    return net.node("Reshape", [t, net.tensor(np.array([-1, width]), "shape")], "rows")
+
+
+def build_real_cost_detector(width: float = 1.0, seed: int = 0) -> tuple[onnx.ModelProto, int]:
+    """The tag detector plus SCRFD-10G-BNKPS with random weights (``width`` scales every channel count; 1.0 is
+    the real one): the same input (``1x3xHxW``, dynamic) and nine outputs as ``build_detector``, each output
+    the tag detector's plus ``REAL_COST_MIX`` times the bounded SCRFD head. Returns the model and its
+    multiply-accumulates at 640x640."""
+    nodes, graph_outputs = _tag_detector(keypoints=True)
+    finals = {v.name for v in graph_outputs}
+    for node in nodes:
+        for i, out in enumerate(node.output):
+            if out in finals:
+                node.output[i] = f"{out}_tag"
+    net = _Net("rc_", seed, width)
+    heads = scrfd_10g_heads(net, "input.1")
+    mix = net.tensor(np.array(REAL_COST_MIX), "mix")
+    for stride, raw in heads.items():
+        for kind, k, squash, tensor in zip(
+            ("score", "bbox", "kps"), (1, 4, 10), ("Sigmoid", "Tanh", "Tanh"), raw, strict=True
+        ):
+            bounded = net.node(squash, [_anchor_rows(net, tensor, k)], kind)
+            scaled = net.node("Mul", [bounded, mix], "mixed")
+            net.nodes.append(
+                helper.make_node(
+                    "Add", [f"{kind}_{stride}_tag", scaled], [f"{kind}_{stride}"], name=f"{kind}_{stride}_out"
+                )
+            )
+    graph = helper.make_graph(
+        nodes + net.nodes,
+        "scrfd_10g_real_cost_detector",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "height", "width"])],
+        graph_outputs,
+        initializer=net.initializers,
+    )
+    return _model(graph), net.macs
+
+
+def iresnet_100_embedding(net: _Net, x: str) -> str:
+    """iResNet-100 on ``x`` (``Nx3x112x112``): the ``[N, 512]`` feature, bounded by ``Tanh``."""
+    cfg = IRESNET_100
+    c = net.channels
+    y, hw = net.conv(x, (112, 112), 3, c(cfg["stem"]), act="prelu")
+    cin = c(cfg["stem"])
+    for blocks, planes in zip(cfg["layers"], cfg["planes"], strict=True):
+        cout = c(planes)
+        for b in range(blocks):
+            stride = 2 if b == 0 else 1
+            r, _ = net.conv(y, hw, cin, cout, act="prelu")  # BN-conv-BN-PReLU
+            r, out = net.conv(r, hw, cout, cout, stride=stride, act=None, gain=0.3)  # conv-BN
+            shortcut = y
+            if stride != 1 or cin != cout:
+                shortcut, _ = net.conv(y, hw, cin, cout, k=1, stride=stride, act=None)
+            y, hw, cin = net.node("Add", [r, shortcut], "add"), out, cout
+    flat = net.node("Flatten", [y], "flat", axis=1)
+    features = cin * hw[0] * hw[1]
+    fc = net.rng.standard_normal((features, cfg["embedding"]), dtype=np.float32) / np.float32(
+        np.sqrt(features)
+    )
+    net.macs += features * cfg["embedding"]
+    return net.node("Tanh", [net.node("MatMul", [flat, net.tensor(fc, "fc")], "fc")], "bounded")
+
+
+def build_real_cost_recognizer(width: float = 1.0, seed: int = 0) -> tuple[onnx.ModelProto, int]:
+    """The pool-and-project recognizer plus iResNet-100 with random weights (``width`` scales the channels; 1.0
+    is the real one): input ``Nx3x112x112``, output ``[N, 512]``, the small recognizer's embedding plus
+    ``REAL_COST_MIX`` times the bounded iResNet feature. Returns the model and its multiply-accumulates per face.
+
+    The first nodes hold no ``Sub``/``Mul`` (insightface reads the input normalisation from them)."""
+    small = build_recognizer("random", seed)
+    net = _Net("rc_", seed + 1, width)
+    feature = iresnet_100_embedding(net, "input.1")
+    scaled = net.node("Mul", [feature, net.tensor(np.array(REAL_COST_MIX), "mix")], "mixed")
+    nodes = list(small.graph.node)
+    output = nodes[-1].output[0]
+    nodes[-1].output[0] = "small_embedding"
+    final = helper.make_node("Add", ["small_embedding", scaled], [output], name="real_cost_out")
+    graph = helper.make_graph(
+        nodes + net.nodes + [final],
+        "iresnet100_real_cost_recognizer",
+        list(small.graph.input),
+        list(small.graph.output),
+        initializer=list(small.graph.initializer) + net.initializers,
+    )
+    return _model(graph), net.macs
+
+
+REAL_COST_CACHE_ENV = "INSTANTID_FACE_MODELS_CACHE"
+"""Folder for the built real-cost models (default: ``$XDG_CACHE_HOME/instantid/face_models``, i.e.
+``~/.cache/instantid/face_models``); they are built once (~300 MB, a minute) and reused."""
+REAL_COST_VERSION = 1
+"""Bumped when the real-cost builders change, so a stale build is never reused."""
+
+
+def real_cost_root(cache_dir: Path | None = None) -> Path:
+    """An insightface root with the real-cost ``antelopev2`` stand-ins, built there on first use (outside git)."""
+    import os
+
+    if cache_dir is None:
+        env = os.environ.get(REAL_COST_CACHE_ENV)
+        base = (
+            Path(env)
+            if env
+            else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "instantid" / "face_models"
+        )
+        cache_dir = base / f"real_cost_v{REAL_COST_VERSION}"
+    folder = Path(cache_dir) / "models" / "antelopev2"
+    if not ((folder / DETECTOR_FILE).is_file() and (folder / RECOGNIZER_FILE).is_file()):
+        folder.mkdir(parents=True, exist_ok=True)
+        for file, build in (
+            (DETECTOR_FILE, build_real_cost_detector),
+            (RECOGNIZER_FILE, build_real_cost_recognizer),
+        ):
+            model, _ = build()
+            partial = folder / f"{file}.partial"
+            onnx.save(model, str(partial))
+            partial.replace(folder / file)  # complete files only: an interrupted build is redone
+    return Path(cache_dir)
