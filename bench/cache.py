@@ -134,7 +134,7 @@ class _Bench:
                 bench.latents.append(samples["samples"].clone())
                 return ()
 
-        def timed(node_cls: type) -> type:
+        def timed(node_cls: Any) -> type:
             method = getattr(node_cls, node_cls.FUNCTION)
 
             def run(self: Any, **kwargs: Any) -> Any:
