@@ -27,11 +27,12 @@ call computes). The process-wide instance is :data:`CACHES`; :func:`configure` r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -169,6 +170,7 @@ class InstantIDCaches:
         self.max_mb = _env_int(ENV_MB, DEFAULT_MB) if max_mb is None else max_mb
         self.max_entries = _env_int(ENV_ENTRIES, DEFAULT_ENTRIES) if max_entries is None else max_entries
         self.layers: dict[str, PatchCache] = {}
+        self._run = threading.local()
         if self.enabled:
             budget = int(self.max_mb * 2**20)
             tensors_of: dict[str, Callable[[Any], Iterable[Tensor]]] = {
@@ -189,7 +191,32 @@ class InstantIDCaches:
     def enabled(self) -> bool:
         return self.max_mb > 0 and self.max_entries > 0
 
+    @contextlib.contextmanager
+    def one_run(self) -> Iterator[None]:
+        """Within the block, one face analysis per image serves every call, cache enabled or not.
+
+        A node that needs both the embedding and the keypoints of an image runs in this block, so
+        ``INSTANTID_CACHE_MB=0`` still detects each face once (the memo lives only for the block,
+        in this thread).
+        """
+        outer = getattr(self._run, "faces", None)
+        if outer is None:
+            self._run.faces = {}
+        try:
+            yield
+        finally:
+            if outer is None:
+                self._run.faces = None
+
     def _lookup(self, layer: str, key: Any, compute: Callable[[], R]) -> R:
+        run = getattr(self._run, "faces", None) if layer == "faces" else None
+        if run is not None:
+            if key not in run:
+                run[key] = self._cached(layer, key, compute)
+            return run[key]  # type: ignore[no-any-return]
+        return self._cached(layer, key, compute)
+
+    def _cached(self, layer: str, key: Any, compute: Callable[[], R]) -> R:
         cache = self.layers.get(layer)
         if cache is None:
             return compute()

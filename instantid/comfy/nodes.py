@@ -315,10 +315,11 @@ class ApplyInstantID:
         mask = check_mask(mask)
         model_dim = context_dim(diffusion_model_of(model))
         check_controlnet_context(control_net, instantid.cross_attention_dim, model_dim=model_dim)
-        cond, uncond = _identity_tokens(
-            instantid, insightface, image, noise, combine_embeds, model.load_device
-        )
-        keypoints = _keypoints(insightface, image, image_kps)
+        with caches().one_run():  # one detection per image for the embedding and the keypoints
+            cond, uncond = _identity_tokens(
+                instantid, insightface, image, noise, combine_embeds, model.load_device
+            )
+            keypoints = _keypoints(insightface, image, image_kps)
         work_model = _patched_model(
             model,
             instantid,

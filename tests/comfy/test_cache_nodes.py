@@ -174,18 +174,18 @@ def test_apply_instantid_nodes_and_cn_strength(
     advanced = inputs | {"ip_weight": 0.8, "cn_strength": 0.5, "combine_embeds": "average"}
     counter = Counter()
     comfyui.run_node(nodes.ApplyInstantIDAdvanced, **advanced)
-    assert counter.delta() == {"faces": "hit+miss", "tokens": "miss", "kv": "miss", "models": "miss"}, (
+    assert counter.delta() == {"faces": "miss", "tokens": "miss", "kv": "miss", "models": "miss"}, (
         "one analysis serves the embedding and the keypoints"
     )
     _, positive, _ = comfyui.run_node(nodes.ApplyInstantIDAdvanced, **advanced | {"cn_strength": 0.9})
-    assert counter.delta() == {"faces": "hit+hit", "tokens": "hit", "kv": "-", "models": "hit"}
+    assert counter.delta() == {"faces": "hit", "tokens": "hit", "kv": "-", "models": "hit"}
     assert positive[0][1]["control"].strength == 0.9
     comfyui.run_node(nodes.ApplyInstantID, **inputs | {"weight": 0.8})
-    assert counter.delta() == {"faces": "hit+hit", "tokens": "hit", "kv": "-", "models": "hit"}, (
+    assert counter.delta() == {"faces": "hit", "tokens": "hit", "kv": "-", "models": "hit"}, (
         "ApplyInstantID with weight 0.8 is the advanced node with ip_weight 0.8"
     )
     comfyui.run_node(nodes.ApplyInstantID, **inputs | {"weight": 0.6})
-    assert counter.delta() == {"faces": "hit+hit", "tokens": "hit", "kv": "hit", "models": "miss"}
+    assert counter.delta() == {"faces": "hit", "tokens": "hit", "kv": "hit", "models": "miss"}
     comfyui.run_node(nodes.FaceKeypointsPreprocessor, faceanalysis=face_app, image=IMAGE)
     assert counter.delta()["faces"] == "hit"
 
@@ -273,6 +273,30 @@ def test_zero_disables(comfy: comfyui.ComfyUI, face_app: Any) -> None:
         assert attn2_patches(a.model_options) and a is not b
     finally:
         instantid_cache.configure()
+
+
+def test_one_detection_serves_embedding_and_keypoints_with_the_cache_off(
+    comfy: comfyui.ComfyUI,
+    face_app: Any,
+    tiny_controlnet: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    detections = []
+    real_get = face_app.get
+    monkeypatch.setattr(
+        face_app, "get", lambda image, *a, **k: detections.append(1) or real_get(image, *a, **k)
+    )
+    inputs = _patch_inputs(comfy, face_app) | {
+        "control_net": tiny_controlnet("sd15"),
+        "positive": comfyui.conditioning("sd15", 1),
+        "negative": comfyui.conditioning("sd15", 2),
+    }
+    try:
+        instantid_cache.configure(max_mb=0)
+        comfyui.run_node(pack_nodes(comfy).ApplyInstantID, **inputs)
+    finally:
+        instantid_cache.configure()
+    assert len(detections) == 1
 
 
 def test_sizes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
