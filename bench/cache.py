@@ -40,8 +40,11 @@ from typing import Any
 
 import torch
 
+from bench.comfy_clone import stock_pack_model
 from instantid import cache as instantid_cache
+from instantid.attention import face_tokens
 from instantid.comfy.blocks import cross_attention_sites, diffusion_model_of
+from instantid.comfy.faces import embeddings
 from instantid.face import load_face_analysis
 from instantid.resampler import Resampler
 from instantid.testing import comfyui
@@ -319,17 +322,31 @@ def _attention_patch(comfy: Any, app: Any, repeat: int) -> dict[str, float]:
     instantid_cache.configure(max_mb=0)
     call(0.8)  # warm-up (onnxruntime sessions, allocator)
     uncached = _median_ms(lambda i: call(0.8), repeat)
+    # The original pack's re-run, face analysis free (as the issue measured it): the Resampler, then
+    # 70 patches holding the adapter (its K/V work is deferred to sampling).
+    weights = inputs["instantid"]
+    embeds = embeddings(app, inputs["image"])
+    stock = _median_ms(lambda i: stock_pack_model(model, weights, *face_tokens(weights, embeds)), repeat)
     instantid_cache.configure()
     call(0.8)
     rerun = _median_ms(lambda i: call(0.8), repeat)
     weight_only = _median_ms(lambda i: call(0.5 + 0.01 * i), repeat)
     print("InstantIDAttentionPatch (called directly):")
+    print(f"  original pack's re-run    {stock:8.1f} ms  (stock layout, face analysis free)")
     print(f"  uncached apply            {uncached:8.1f} ms")
-    print(f"  cached re-run, same input {rerun:8.2f} ms  ({100 * rerun / uncached:.1f}% of uncached)")
+    print(
+        f"  cached re-run, same input {rerun:8.2f} ms  ({100 * rerun / uncached:.1f}% of uncached, "
+        f"{100 * rerun / stock:.1f}% of the original pack's re-run)"
+    )
     print(
         f"  cached, new weight only   {weight_only:8.2f} ms  ({100 * weight_only / uncached:.1f}% of uncached)"
     )
-    return {"uncached_ms": uncached, "rerun_ms": rerun, "weight_only_ms": weight_only}
+    return {
+        "stock_rerun_ms": stock,
+        "uncached_ms": uncached,
+        "rerun_ms": rerun,
+        "weight_only_ms": weight_only,
+    }
 
 
 def main(argv: list[str]) -> int:
