@@ -126,9 +126,15 @@ class Scope:
     def __enter__(self) -> Scope:
         self.state.lock.acquire()
         self.state.scopes.append(self)
-        self._cover(self.root, snapshot=self.origin is None)
-        self._guard = WriteGuard(self.protected, self.state.describe, self.what)
-        self._guard.__enter__()
+        try:
+            self._cover(self.root, snapshot=self.origin is None)
+            self._guard = WriteGuard(self.protected, self.state.describe, self.what)
+            self._guard.__enter__()
+        except BaseException:
+            self._rollback()
+            self.state.scopes.pop()
+            self.state.lock.release()
+            raise
         return self
 
     def _cover(self, module: nn.Module, snapshot: bool) -> None:
