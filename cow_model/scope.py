@@ -251,9 +251,17 @@ class Scope:
                 if id(value) not in state.owned:
                     self._adopt_module(value, known, copies)
             elif id(value) in kept and not value.requires_grad:
-                state.adopt_tensor(value, kept[id(value)])
+                state.adopt_tensor(value, kept[id(value)], self._base_slot(module, kind, key))
             else:
                 self._adopt_tensor(module.__dict__[kind], key, value, copies)
+
+    def _base_slot(self, module: nn.Module, kind: str, key: str) -> tuple[nn.Module, str, str] | None:
+        """Where the base holds the tensor ``module`` held at ``kind``/``key`` before the clone replaced it."""
+        for shell, original in self.shells.values():
+            if shell is module:
+                return (original, kind, key)
+        origin = self.state.origins.get(id(module))
+        return (origin.original, kind, key) if origin is not None else None
 
     def _adopt_tensor(
         self, held: dict[str, Any], key: str, tensor: torch.Tensor, copies: dict[int, Any]

@@ -60,6 +60,8 @@ class _AliasOf:
     alias: weakref.ref[torch.Tensor]
     source: torch.Tensor | None
     viewing: tuple[Any, ...]
+    slot: tuple[nn.Module, str, str] | None = None
+    """Where the base holds ``source`` (module, ``_parameters``/``_buffers``, name): a new object there is followed."""
 
 
 def _view_key(tensor: torch.Tensor) -> tuple[Any, ...]:
@@ -95,10 +97,13 @@ class CloneState:
         if inherited:
             self.origins[id(shell)] = _Origin(original, inherited)
 
-    def adopt_tensor(self, tensor: torch.Tensor, source: torch.Tensor | None) -> None:
-        """Record ``tensor`` as the clone's: an alias of ``source`` while it views its bytes, else private."""
+    def adopt_tensor(
+        self, tensor: torch.Tensor, source: torch.Tensor | None, slot: tuple[nn.Module, str, str] | None = None
+    ) -> None:
+        """Record ``tensor`` as the clone's: an alias of ``source`` (held by the base at ``slot``) while it
+        views its bytes, else private."""
         if source is not None and storage_id(tensor) == storage_id(source) and storage_id(tensor) is not None:
-            self.aliases[id(tensor)] = _AliasOf(weakref.ref(tensor), source, _view_key(source))
+            self.aliases[id(tensor)] = _AliasOf(weakref.ref(tensor), source, _view_key(source), slot)
         else:
             self.own_tensors[id(tensor)] = tensor
 
@@ -143,6 +148,14 @@ class CloneState:
             source = record.source
             if source is None:
                 continue
+            if record.slot is not None:
+                module, kind, name = record.slot
+                held = module.__dict__[kind].get(name)
+                if held is not None and held is not source:  # the base put a new object there
+                    alias.data = held.detach()
+                    record.source, record.viewing = held, _view_key(held)
+                    self.base_changed()
+                    continue
             now = _view_key(source)
             if now != record.viewing:
                 if _view_key(alias)[0] == record.viewing[0]:

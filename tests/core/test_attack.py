@@ -2,8 +2,7 @@
 
 Every test asserts the contract (the base is never changed through a clone; where an operation
 would change a shared tensor it acts on private copies or raises SharedWeightsError) or that the
-clone behaves as a ``copy.deepcopy`` given the same call. The two known gaps are marked
-``xfail(strict=True)``: remove the mark when one is fixed.
+clone behaves as a ``copy.deepcopy`` given the same call.
 """
 
 from __future__ import annotations
@@ -175,10 +174,6 @@ def test_in_place_dynamic_quantization_inside_patch_block_root_leaves_the_base()
 # -- following the base -------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: an alias follows its source object's bytes, not a new object the base puts in the slot",
-)
 def test_a_clone_with_aliases_follows_a_base_converted_into_new_parameter_objects() -> None:
     base = small_model()
     clone = LazyClonedModel(base)
@@ -192,10 +187,6 @@ def test_a_clone_with_aliases_follows_a_base_converted_into_new_parameter_object
         assert torch.equal(clone(X.double()), base(X.double()))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: an alias follows its source object's bytes, not a new object the base puts in the slot",
-)
 def test_a_clone_never_runs_a_mixed_tree_after_the_base_assigns_new_tensors() -> None:
     base = small_model()
     clone = LazyClonedModel(base)
