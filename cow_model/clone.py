@@ -295,12 +295,18 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
         return self
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LazyClonedModel:
-        """Apply a tensor conversion to the clone's own tensors; refuse to change shared ones."""
+        """Apply a tensor conversion to the clone's own tensors; refuse to change shared ones.
+
+        A conversion that changes nothing (same device, dtype, layout and values, e.g. accelerate's
+        ``to("cpu:0")`` on a CPU model, which copies) keeps the shared tensor.
+        """
         state = self._cow
 
         def convert(tensor: torch.Tensor) -> torch.Tensor:
             result = fn(tensor)
             if result is not tensor and id(tensor) not in state.own_tensors:
+                if _unchanged(tensor, result):  # e.g. to("cpu:0") on a CPU tensor: a copy of the same thing
+                    return tensor
                 raise SharedWeightsError(
                     f"this conversion would change {state.describe(tensor)}, a tensor the clone shares with its "
                     "base. Convert the base instead (its clones share its tensors and follow it), or convert "
@@ -399,6 +405,18 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         return self._cow_plain().__reduce_ex__(protocol)
+
+
+def _unchanged(tensor: torch.Tensor, result: torch.Tensor) -> bool:
+    """Whether a conversion's ``result`` holds what ``tensor`` holds: device, dtype, layout and values."""
+    same_form = (
+        isinstance(result, torch.Tensor)
+        and result.device == tensor.device
+        and result.dtype == tensor.dtype
+        and result.shape == tensor.shape
+        and result.stride() == tensor.stride()
+    )
+    return same_form and (result.data_ptr() == tensor.data_ptr() or torch.equal(result, tensor))
 
 
 def _install(clone: LazyClonedModel, fresh: dict[int, torch.Tensor]) -> None:
