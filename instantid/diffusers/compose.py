@@ -51,7 +51,9 @@ class ComposedIdentityProcessor:
         *args: Any,
         **kwargs: Any,
     ) -> Tensor:
-        out: Tensor = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        if temb is not None:  # not every processor takes temb (SlicedAttnProcessor does not)
+            kwargs["temb"] = temb
+        out: Tensor = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         term = self.identity.output_term(attn, hidden_states, temb)
         return out if term is None else out + term
 
