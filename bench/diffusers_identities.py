@@ -97,7 +97,11 @@ def measure(make: Any, count: int, base: torch.nn.Module) -> dict[str, float]:
 
 def _tiny_pipeline(device: str) -> tuple[Any, Any, Any]:
     from instantid.keypoints import draw_kps
-    from instantid.testing.tiny_pipelines import IMAGE_SIZE, tiny_instantid_weights, tiny_sdxl_controlnet_pipeline
+    from instantid.testing.tiny_pipelines import (
+        IMAGE_SIZE,
+        tiny_instantid_weights,
+        tiny_sdxl_controlnet_pipeline,
+    )
 
     pipe = tiny_sdxl_controlnet_pipeline(Path(tempfile.mkdtemp(prefix="tiny_sdxl_")))
     pipe.set_progress_bar_config(disable=True)

@@ -34,8 +34,8 @@ from instantid.weights import FACE_EMBEDDING_DIM, InstantIDWeights
 
 __all__ = [
     "DiffusersIdentity",
-    "check_adapter",
     "FaceInput",
+    "check_adapter",
     "face_embedding",
     "payload_bytes",
     "prepare_identity",

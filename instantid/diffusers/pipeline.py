@@ -41,9 +41,21 @@ from typing_extensions import Unpack
 from cow_model import LazyClonedModel
 from cow_model.diffusers import attention_paths
 from instantid.diffusers.compose import install_identity
-from instantid.diffusers.identity import DiffusersIdentity, FaceInput, IdentityOptions, check_adapter, prepare_identity
+from instantid.diffusers.identity import (
+    DiffusersIdentity,
+    FaceInput,
+    IdentityOptions,
+    check_adapter,
+    prepare_identity,
+)
 from instantid.diffusers.processor import BatchLayout, TimestepGate, fixed_layout, pipeline_layout
-from instantid.diffusers.view import ViewIdentity, copy_attributes, own_components, view_class, warn_identity_not_saved
+from instantid.diffusers.view import (
+    ViewIdentity,
+    copy_attributes,
+    own_components,
+    view_class,
+    warn_identity_not_saved,
+)
 from instantid.weights import InstantIDWeights
 
 __all__ = ["FaceTokensControlNet", "apply_instantid", "identity_unet"]

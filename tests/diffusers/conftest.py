@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from instantid.testing.tiny_pipelines import tiny_instantid_weights, tiny_sdxl_controlnet_pipeline, tiny_sdxl_unet
+from instantid.testing.tiny_pipelines import (
+    tiny_instantid_weights,
+    tiny_sdxl_controlnet_pipeline,
+    tiny_sdxl_unet,
+)
 
 
 @pytest.fixture(scope="session")
