@@ -297,6 +297,22 @@ class InstantIDView:
             "apply_instantid (views follow the base)"
         )
 
+    # -- LoRA ----------------------------------------------------------------------------------
+
+    def load_lora_weights(self, *args: Any, **kwargs: Any) -> Any:
+        """diffusers' ``load_lora_weights`` with the text encoders' layers going into this view's clones.
+
+        diffusers injects text-encoder LoRA layers with library functions that edit the module
+        they are handed; here that runs inside each text-encoder clone's ``patch_block("")``, so
+        the layers are the view's own (the UNet's go through its scoped PEFT methods).
+        """
+        encoders = [
+            module
+            for name, module in self.__dict__.items()
+            if name.startswith("text_encoder") and isinstance(module, LazyClonedModel)
+        ]
+        return _inside_patches(encoders, lambda: super(InstantIDView, self).load_lora_weights(*args, **kwargs))  # type: ignore[misc]
+
     # -- saving, copying -----------------------------------------------------------------------
 
     def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
@@ -309,6 +325,19 @@ class InstantIDView:
     def __reduce_ex__(self, protocol: Any) -> Any:
         base_class = next(c for c in type(self).__mro__[1:] if not issubclass(c, InstantIDView))
         return (_new_view, (base_class,), dict(self.__dict__))
+
+
+def _inside_patches(clones: list[LazyClonedModel], fn: Any) -> Any:
+    """``fn()`` run inside ``clone.patch_block("")`` of every clone in ``clones`` (nested)."""
+    if not clones:
+        return fn()
+    result: list[Any] = []
+
+    def patch(_: nn.Module) -> None:
+        result.append(_inside_patches(clones[1:], fn))
+
+    clones[0].patch_block("", patch)
+    return result[0]
 
 
 def copy_attributes(view: Any) -> None:

@@ -186,3 +186,22 @@ def test_bad_adapters_and_faces_are_named(unet, adapter):
         apply_instantid(unet, adapter, np.random.rand(32, 32, 3).astype(np.float32))
     with pytest.raises(TypeError, match=r"torch\.int64 is neither an image"):
         apply_instantid(unet, adapter, torch.ones(1, 512, dtype=torch.int64))
+
+
+def test_a_text_encoder_lora_through_a_view_is_the_views(pipe, tiny_adapter):
+    pytest.importorskip("peft")
+    view, other = (apply_instantid(pipe, tiny_adapter, face(39)) for _ in range(2))
+    g = torch.Generator().manual_seed(0)
+    lora = {
+        f"text_encoder.text_model.encoder.layers.{i}.self_attn.q_proj.lora_{part}.weight": torch.randn(shape, generator=g)
+        for i in range(3)
+        for part, shape in (("A", (2, 32)), ("B", (32, 2)))
+    }
+    ids = torch.tensor([[512, 64, 65] + [513] * 74])
+    before = pipe.text_encoder(ids).last_hidden_state
+    modules = [name for name, _ in pipe.text_encoder.named_modules()]
+    view.load_lora_weights(lora, adapter_name="style")
+    assert not torch.equal(view.text_encoder(ids).last_hidden_state, before)
+    for holder in (pipe, other):
+        assert torch.equal(holder.text_encoder(ids).last_hidden_state, before)
+    assert [name for name, _ in pipe.text_encoder.named_modules()] == modules
