@@ -122,6 +122,47 @@ def _warn_on_save(root: nn.Module) -> None:
     root._register_state_dict_hook(warn_identity_not_saved)
 
 
+class BaseTreeCheck:
+    """Forward pre-hook of an InstantID clone: refuse to run once the base replaced a child of a module the clone copied.
+
+    The clone's copies of the identity layers (and their ancestors) hold their own child dicts:
+    a module the base puts in their place later (e.g. PEFT's LoRA layers on ``attn2.to_q``,
+    loaded into the base after the view was made) would reach the clone only partly. Checked
+    per call in eager mode (a dict comparison per copied module); skipped under ``torch.compile``.
+    Copies and pickles of the clone carry no check (they are plain models).
+    """
+
+    def __init__(self, base: nn.Module, paths: list[str]) -> None:
+        modules = dict(base.named_modules())
+        self._children = [(path, modules[path], dict(modules[path]._modules)) for path in paths]
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        for path, original, children in self._children:
+            if original._modules != children:
+                changed = sorted(k for k in {*children, *original._modules} if children.get(k) is not original._modules.get(k))
+                raise RuntimeError(
+                    f"the base UNet's module {path or '(root)'} changed its children {changed[:5]} after this InstantID "
+                    "clone was made (e.g. a LoRA loaded into the base): the clone would follow it only partly. Make the "
+                    "change before apply_instantid (apply again now), or load the LoRA through the view"
+                )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_no_check, ())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return _no_check()
+
+
+def _no_check() -> Any:
+    return _skip
+
+
+def _skip(module: nn.Module, args: Any) -> None:
+    return None
+
+
 def identity_unet(unet: nn.Module, identity: DiffusersIdentity) -> LazyClonedModel:
     """A copy-on-write clone of ``unet`` carrying ``identity``'s processors (and gate hook); ``unet`` is untouched."""
     clone = LazyClonedModel(unet)
@@ -132,6 +173,8 @@ def identity_unet(unet: nn.Module, identity: DiffusersIdentity) -> LazyClonedMod
     if gate is not None:
         clone.patch_block("time_proj", functools.partial(_add_gate, gate=gate))
     clone.patch_block("", _warn_on_save)
+    check = BaseTreeCheck(clone.base, clone.private_paths)
+    clone.patch_block("", lambda root: root.register_forward_pre_hook(check) and None)
     return clone
 
 

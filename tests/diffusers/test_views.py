@@ -21,8 +21,8 @@ from instantid.diffusers.compose import ComposedIdentityProcessor, identity_of
 from instantid.diffusers.pipeline import FaceTokensControlNet
 from instantid.diffusers.view import IdentityNotSavedWarning
 from instantid.keypoints import draw_kps
-from instantid.testing.tiny_pipelines import IMAGE_SIZE
-from tests.diffusers.helpers import assert_unchanged, face, snapshot
+from instantid.testing.tiny_pipelines import IMAGE_SIZE, tiny_sdxl_unet
+from tests.diffusers.helpers import assert_unchanged, face, run, snapshot, unet_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:You have passed a tensor as `encoder_hidden_states`")
 
@@ -205,3 +205,15 @@ def test_a_text_encoder_lora_through_a_view_is_the_views(pipe, tiny_adapter):
     for holder in (pipe, other):
         assert torch.equal(holder.text_encoder(ids).last_hidden_state, before)
     assert [name for name, _ in pipe.text_encoder.named_modules()] == modules
+
+
+def test_a_lora_loaded_into_the_base_after_a_clone_exists_is_refused_not_half_followed(adapter):
+    peft = pytest.importorskip("peft")
+    base = tiny_sdxl_unet(seed=0)
+    clone = apply_instantid(base, adapter, face(41))
+    base.add_adapter(peft.LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v"]))
+    with pytest.raises(RuntimeError, match=r"attn2 changed its children \['to_k', 'to_q', 'to_v'\].*apply again"):
+        run(clone, *unet_inputs())
+    fresh = apply_instantid(base, adapter, face(41))
+    assert sum(hasattr(m, "lora_A") for m in fresh.modules()) == sum(hasattr(m, "lora_A") for m in base.modules())
+    run(fresh, *unet_inputs())
