@@ -433,8 +433,8 @@ def analyze_faces(
         raise NoFaceDetectedError(
             f"No face detected in any of the {len(batch)} images{of} ({_sizes_tried(DETECTION_SIZES)})"
         )
-    for error in missing:
-        logger.warning("%s; image skipped", error)
+    for skipped in missing:
+        logger.warning("%s; image skipped", skipped)
     return results
 
 

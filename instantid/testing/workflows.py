@@ -32,7 +32,7 @@ class WorkflowError(ValueError):
 
 def load_workflow(path: str | Path) -> dict[str, Any]:
     """Read a UI-format workflow file."""
-    return json.loads(Path(path).read_text())  # type: ignore[no-any-return]
+    return json.loads(Path(path).read_text())
 
 
 def _inputs(spec: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Saved workflows load onto this pack unchanged: its own ``examples/``, and the original pack's when given.
+"""Saved workflows load onto this pack unchanged: its templates and test workflows, and the original pack's.
 
 The repository is loaded the way ComfyUI loads a clone in ``custom_nodes/`` (its own
 ``nodes.load_custom_node`` on the repository folder); then every node of each saved workflow whose
@@ -6,10 +6,11 @@ type is an InstantID node must resolve to this pack, its ``widgets_values`` must
 widget inputs in ``INPUT_TYPES`` order (types, ranges, combo choices), and its links must meet
 inputs and outputs of the types the workflow recorded.
 
-The workflows are the repository's ``examples/*.json`` and, when ``$INSTANTID_STOCK_WORKFLOWS``
+The workflows are the repository's ``example_workflows/*.json`` (the templates ComfyUI lists) and
+``tests/comfy/workflows/*.json`` (small test workflows) and, when ``$INSTANTID_STOCK_WORKFLOWS``
 names a folder, every ``*.json`` in it: ComfyUI_InstantID's published examples (``examples/`` of
 github.com/cubiq/ComfyUI_InstantID), the compatibility check. Without it that case reports a skip.
-(``tests/comfy/test_server.py`` runs the examples on a real server.)
+(``tests/comfy/test_server.py`` and ``tests/comfy/test_templates.py`` run them on a real server.)
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from cow_model.comfy import ENV_VAR
 from instantid.testing import comfyui
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+OWN_WORKFLOWS = (REPO_ROOT / "example_workflows", Path(__file__).resolve().parent / "workflows")
+"""This pack's workflows: the templates, and the small test workflows."""
 STOCK_WORKFLOWS_ENV = "INSTANTID_STOCK_WORKFLOWS"
 """A folder of ComfyUI_InstantID's saved workflows to check as well (``InstantID_basic.json``, ...)."""
 
 
 def _workflow_files() -> list[Any]:
-    files: list[Any] = sorted((REPO_ROOT / "examples").glob("*.json"))
+    files: list[Any] = sorted(path for folder in OWN_WORKFLOWS for path in folder.glob("*.json"))
     stock = os.environ.get(STOCK_WORKFLOWS_ENV)
     if stock:
         found = sorted(Path(stock).expanduser().glob("*.json"))
@@ -82,7 +85,7 @@ def instantid_models(comfy: comfyui.ComfyUI, tmp_path_factory: pytest.TempPathFa
     """A models/instantid folder holding the adapter the workflows name, registered with ComfyUI."""
     folder = tmp_path_factory.mktemp("instantid")
     (folder / "ip-adapter.bin").write_bytes(b"")  # the name the original pack's workflows use
-    for path in (REPO_ROOT / "examples").glob("*.json"):
+    for path in (path for folder in OWN_WORKFLOWS for path in folder.glob("*.json")):
         for node in json.loads(path.read_text())["nodes"]:
             if node["type"] == "InstantIDModelLoader":
                 (folder / node["widgets_values"][0]).write_bytes(b"")
