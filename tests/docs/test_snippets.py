@@ -1,6 +1,6 @@
 """Every ```python block of README.md and docs/*.md works as written.
 
-A block runs (``exec``, in a fresh namespace) in a folder holding what the snippets name: ``models/insightface``
+A block runs (as a script, ``runpy``) in a folder holding what the snippets name: ``models/insightface``
 (antelopev2-format face models built by ``instantid.testing.face_models``) and ``portrait.png`` (a photo with a
 face those models detect). A block whose first line starts with ``# checked, not run:`` needs what a test cannot
 have (the published SDXL models, a GPU, a server on GiB of models; the line says what); it is checked instead:
@@ -16,6 +16,7 @@ import importlib
 import inspect
 import os
 import re
+import runpy
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -128,10 +129,12 @@ def test_snippet(name: str, code: str, workdir: Path) -> None:
     if code.startswith(NOT_RUN):
         assert not static_problems(code, name), static_problems(code, name)
         return
+    script = workdir / (re.sub(r"\W", "_", name) + ".py")
+    script.write_text(code)
     before = os.getcwd()
     os.chdir(workdir)
     try:
-        exec(compile(code, name, "exec"), {"__name__": "__snippet__"})
+        runpy.run_path(str(script), run_name="__snippet__")
     finally:
         os.chdir(before)
 
