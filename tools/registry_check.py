@@ -87,6 +87,9 @@ def check_metadata() -> list[str]:
         "PublisherId set": bool(tool.publisher_id),
         "DisplayName set": bool(tool.display_name),
         "Icon is an https URL": tool.icon.startswith("https://"),
+        f"the icon {tool.icon.rsplit('/main/', 1)[-1]} is in the repository": (
+            ROOT / tool.icon.rsplit("/main/", 1)[-1]
+        ).is_file(),
         f"node id {project.name!r} without 'ComfyUI'": "comfyui" not in project.name.lower(),
         "licence is the SPDX id Apache-2.0 with LICENSE as its file": project.license.text == "Apache-2.0"
         and pyproject["project"].get("license-files") == ["LICENSE"]
