@@ -98,8 +98,17 @@ def _workflow(path: Path) -> dict[str, Any]:
 
 
 def _inputs(node_class: type) -> dict[str, Any]:
+    """The inputs as ComfyUI exposes them, in V1's shape: a V3 node's ``("COMBO", {"options": [...]})``
+    becomes ``([...], {...})`` without V3's ``multiselect`` flag, so both forms compare with one set of checks."""
     spec = node_class.INPUT_TYPES()  # type: ignore[attr-defined]
-    return {**spec.get("required", {}), **spec.get("optional", {})}
+
+    def v1_shape(entry: Any) -> Any:
+        if entry[0] != "COMBO":
+            return entry
+        options = {k: v for k, v in entry[1].items() if k not in ("options", "multiselect")}
+        return (entry[1]["options"], options) if options else (entry[1]["options"],)
+
+    return {name: v1_shape(e) for name, e in {**spec.get("required", {}), **spec.get("optional", {})}.items()}
 
 
 def _is_widget(spec: tuple[Any, ...]) -> bool:
@@ -122,8 +131,8 @@ def _check_widget(node: str, name: str, spec: tuple[Any, ...], value: Any) -> No
 def test_the_repository_loads_as_a_custom_node(comfy: comfyui.ComfyUI, pack: dict[str, type]) -> None:
     from instantid.comfy import nodes
 
-    for name in SEVEN:
-        assert pack[name] is nodes.NODE_CLASS_MAPPINGS[name]
+    for name in SEVEN:  # the V1 class, or the V3 node made from it (instantid.comfy.v3) where ComfyUI has V3
+        assert getattr(pack[name], "V1", pack[name]) is nodes.NODE_CLASS_MAPPINGS[name]
         assert comfy.nodes.NODE_DISPLAY_NAME_MAPPINGS[name] == nodes.NODE_DISPLAY_NAME_MAPPINGS[name]
         node_class = pack[name]
         assert node_class.CATEGORY == "InstantID"  # type: ignore[attr-defined]
@@ -216,7 +225,11 @@ def test_interface_matches_comfyui_instantid(pack: dict[str, type]) -> None:
     assert links["ApplyInstantIDControlNet"] == ["face_embeds", "control_net", "image_kps", "positive", "negative", "mask"]
     assert links["InstantIDAttentionPatch"] == ["instantid", "insightface", "image", "model", "mask"]
     assert links["FaceKeypointsPreprocessor"] == ["faceanalysis", "image"]
-    returns = {name: (pack[name].RETURN_TYPES, pack[name].FUNCTION) for name in SEVEN}  # type: ignore[attr-defined]
+    # outputs as registered; the function name is the V1 class's (a V3 node runs ComfyUI's own EXECUTE_NORMALIZED)
+    returns = {
+        name: (tuple(pack[name].RETURN_TYPES), getattr(pack[name], "V1", pack[name]).FUNCTION)  # type: ignore[attr-defined]
+        for name in SEVEN
+    }
     assert returns == {
         "InstantIDModelLoader": (("INSTANTID",), "load_model"),
         "InstantIDFaceAnalysis": (("FACEANALYSIS",), "load_insight_face"),
