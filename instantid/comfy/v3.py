@@ -84,7 +84,7 @@ NODES: list[type] = [v3_node(node_id, v1) for node_id, v1 in nodes.NODE_CLASS_MA
 class InstantIDExtension(ComfyExtension):
     """What ``comfy_entrypoint`` gives ComfyUI: the seven nodes."""
 
-    async def get_node_list(self) -> list[type]:  # type: ignore[override]
+    async def get_node_list(self) -> list[type]:
         return list(NODES)
 
 
