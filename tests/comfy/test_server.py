@@ -91,12 +91,9 @@ def test_object_info_shows_the_seven_nodes_with_the_original_inputs(
         declared = [*spec["input"]["required"], *spec["input"].get("optional", {})]
         assert declared == inputs, name
         assert spec["category"] == "InstantID"
-    assert object_info["InstantIDFaceAnalysis"]["input"]["required"]["provider"][0] == [
-        "CPU",
-        "CUDA",
-        "ROCM",
-        "CoreML",
-    ]
+    provider = object_info["InstantIDFaceAnalysis"]["input"]["required"]["provider"]
+    choices = provider[1]["options"] if provider[0] == "COMBO" else provider[0]  # the V3 form / the V1 form
+    assert choices == ["CPU", "CUDA", "ROCM", "CoreML"]
     assert object_info["ApplyInstantID"]["output"] == ["MODEL", "CONDITIONING", "CONDITIONING"]
     assert object_info["InstantIDAttentionPatch"]["output"] == ["MODEL", "FACE_EMBEDS"]
 
