@@ -25,13 +25,21 @@ def _requirements(lines: list[str]) -> set[str]:
     return {line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")}
 
 
+def copy_build_inputs(folder: Path) -> Path:
+    """``folder`` holding copies of the repository's build inputs (so building never writes the repository)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in BUILD_INPUTS:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / name, folder / name)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     """The wheel pip builds from a copy of the repository's build inputs (the repository is not written)."""
-    source = tmp_path_factory.mktemp("source")
-    for name in BUILD_INPUTS:
-        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
-        copy(REPO / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
+    source = copy_build_inputs(tmp_path_factory.mktemp("source"))
     out = tmp_path_factory.mktemp("dist")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
@@ -116,3 +124,18 @@ def test_version_command() -> None:
         [sys.executable, "-m", "instantid", "--version"], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert run.stdout.strip() == f"instantid {instantid.__version__}"
+
+
+def test_the_sdist_holds_the_licence(tmp_path: Path) -> None:
+    """setuptools' own build_sdist on a copy of the build inputs: LICENSE, README, requirements.txt inside."""
+    import tarfile
+
+    source = copy_build_inputs(tmp_path / "source")
+    out = tmp_path / "dist"
+    out.mkdir()
+    script = f"from setuptools import build_meta; print(build_meta.build_sdist({str(out)!r}))"
+    run = subprocess.run([sys.executable, "-c", script], cwd=source, capture_output=True, text=True, check=True)
+    with tarfile.open(out / run.stdout.strip().splitlines()[-1]) as sdist:
+        names = {n.split("/", 1)[1] for n in sdist.getnames() if "/" in n}
+    assert {"LICENSE", "README.md", "pyproject.toml", "instantid/py.typed", "cow_model/py.typed"} <= names
+    assert not [n for n in names if n.startswith("instantid/testing/")]
