@@ -35,7 +35,7 @@ import numpy as np
 from ray import serve
 
 from instantid.serve.config import ServeSettings, resolve
-from instantid.serve.errors import NoFace, Unprocessable, UnknownIdentity
+from instantid.serve.errors import NoFace, UnknownIdentity, Unprocessable
 from instantid.serve.identities import CowViews, LoadedIdentity, ViewOptions, capacity
 from instantid.serve.inputs import GenerateRequest
 from instantid.serve.pipelines import load_adapter, load_face_analysis, load_pipeline

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from instantid.serve.errors import IdentityExists, Unprocessable, UnknownIdentity
+from instantid.serve.errors import IdentityExists, UnknownIdentity, Unprocessable
 
 __all__ = ["FORMAT", "IdentityRecord", "IdentityStore", "check_identity_id", "new_identity_id"]
 
