@@ -200,10 +200,16 @@ class InstantIDModel:
         }
 
     async def status(self) -> dict[str, Any]:
-        """This replica: its id, the identities it holds (LRU order), capacity and cost per identity."""
+        """This replica: its id and process id, the identities it holds (LRU order), capacity, cost per
+        identity, and the GPU memory allocated when it runs on CUDA."""
+        import torch
+
         self._start_sweeper()
+        cuda = torch.device(self.settings.device).type == "cuda"
         return {
             "replica": self.replica,
+            "pid": os.getpid(),
+            "vram_allocated": torch.cuda.memory_allocated() if cuda else None,
             "loaded": list(self._models()),
             "capacity": self.capacity,
             "bytes_per_identity": self.bytes_per_identity,
