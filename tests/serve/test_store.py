@@ -148,3 +148,22 @@ def test_capacity_from_memory():
     assert capacity(10 * mib, 2048, None) == 204
     assert capacity(10 * mib, 2048, 50) == 50
     assert capacity(5000 * mib, 2048, None) == 1
+
+
+def test_the_config_file_in_the_docs_validates():
+    import re
+    from pathlib import Path
+
+    yaml = pytest.importorskip("yaml", reason="the config file is YAML")
+    from instantid.serve.config import ServeSettings
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "serving.md").read_text()
+    config = yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1))
+    application = config["applications"][0]
+    assert application["import_path"] == "instantid.serve:build_app"
+    settings = ServeSettings.model_validate(application["args"])
+    assert settings.device == "cuda" and settings.num_replicas == 2
+    with pytest.raises(ValueError, match="num_replicaz"):
+        ServeSettings.model_validate({**application["args"], "num_replicaz": 2})
+    with pytest.raises(ValueError, match="exactly one of `pipeline`"):
+        ServeSettings.model_validate({**application["args"], "pipeline_factory": "x:y"})
