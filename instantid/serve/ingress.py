@@ -65,14 +65,19 @@ async def _serve_error(request: Request, error: ServeError) -> JSONResponse:
     return _error(error.status, error.message)
 
 
+@api.exception_handler(Exception)
+async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    logger.exception("%s %s failed", request.method, request.url.path)
+    return _error(500, f"internal error: {type(error).__name__}: {error}")
+
+
 def _replica_error(error: RayTaskError) -> Exception:
     """The error a replica raised: a ``ServeError`` as it is, anything else as a 500 naming it."""
     cause = getattr(error, "cause", None)
     if isinstance(cause, ServeError):
         return cause
     described = f"{type(cause).__name__}: {cause}" if cause is not None else str(error).splitlines()[0]
-    error_out = ServeError(f"the replica failed: {described}")
-    return error_out
+    return ServeError(f"the replica failed: {described}")
 
 
 def _header_identity(request: Request) -> str | None:

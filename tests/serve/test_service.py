@@ -8,6 +8,7 @@ happened); the application is deployed from a Ray Serve config file's ``args``, 
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import io
 import threading
 import time
@@ -232,29 +233,42 @@ def test_a_request_past_its_timeout_is_a_504_and_the_replica_carries_on(service)
     assert health["status"] == "ok" and health["replica"]["face_analysis"] is True
 
 
-def test_a_killed_replica_is_replaced_and_requests_succeed(service):
+def test_concurrent_requests_for_different_identities_equal_sequential_ones(service):
+    identities = [new_identity(service, 700 + i) for i in range(3)]
+    jobs = [(identity, seed) for identity in identities for seed in (1, 2)]
+    sequential = {job: ok(generate(service, job[0], seed=job[1]))["image"] for job in jobs}
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda job: ok(generate(service, job[0], seed=job[1])), jobs * 2))
+    for job, answer in zip(jobs * 2, answers, strict=True):
+        assert answer["image"] == sequential[job], job
+    assert len({sequential[job] for job in jobs}) == len(jobs)
+
+
+def test_a_replica_killed_mid_request_is_replaced_and_requests_succeed(service):
     import ray
 
     identity = new_identity(service, 600)
-    before = ok(generate(service, identity, seed=5))
+    slow = {"seed": 5, "steps": 8}
+    before = ok(generate(service, identity, **slow))
     victim = next(name for name in replica_actors() if name.rsplit("#", 1)[1] == before["replica"].split("-")[0])
-    statuses: list[int] = []
+    answers: list = []
     stop = threading.Event()
 
     def traffic():
         while not stop.is_set():
-            statuses.append(generate(service, identity, seed=5).status_code)
+            answers.append(generate(service, identity, **slow))
 
     worker = threading.Thread(target=traffic)
     worker.start()
-    time.sleep(0.3)
+    wait_for(lambda: len(answers) >= 2, timeout_s=HTTP_TIMEOUT)  # requests are in flight on the replica that holds it
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-    after = ok(generate(service, identity, seed=5))  # the next request: another replica, loaded from the store
+    after = ok(generate(service, identity, **slow))  # the next request: another replica, loaded from the store
     time.sleep(0.5)
     stop.set()
     worker.join(HTTP_TIMEOUT)
     assert after["replica"] != before["replica"] and after["image"] == before["image"]
-    assert len(statuses) >= 2 and set(statuses) == {200}, statuses
+    assert [a.status_code for a in answers] == [200] * len(answers), [a.text for a in answers]
+    assert all(a.json()["image"] == before["image"] for a in answers)
     victim_tag = before["replica"]
 
     def replaced():  # two replicas answer again, neither of them the one killed
@@ -262,4 +276,4 @@ def test_a_killed_replica_is_replaced_and_requests_succeed(service):
         return len(statuses) == 2 and victim_tag not in statuses
 
     wait_for(replaced, timeout_s=90, interval_s=1.0)
-    assert ok(generate(service, identity, seed=5))["image"] == before["image"]
+    assert ok(generate(service, identity, seed=5, steps=8))["image"] == before["image"]
