@@ -132,7 +132,8 @@ class InstantIDIngress:
             kps = size = None
         else:
             parsed = validated(RegisterRequest, parse_json(body, self.max_body))
-            identity_id, embedding, kps, size = parsed.id, parsed.embedding, parsed.kps, parsed.image_size
+            identity_id = parsed.id or request.query_params.get("id")
+            embedding, kps, size = parsed.embedding, parsed.kps, parsed.image_size
             image = None if parsed.image is None else image_bytes(parsed.image)
         identity_id = check_identity_id(identity_id) if identity_id is not None else new_identity_id()
         if image is not None:

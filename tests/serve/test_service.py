@@ -115,6 +115,9 @@ def test_register_a_face_image_and_generate(service):
     assert base64.b64decode(ok(again)["image"]) == image.content
     other = ok(generate(service, register(service), seed=3))
     assert base64.b64decode(other["image"]) != image.content, "the identity made no difference to the image"
+    for option in ({"weight": 0.0}, {"identitynet_strength": 0.0}):  # per-request options reach the view
+        changed = ok(generate(service, "face-one", seed=3, **option))
+        assert base64.b64decode(changed["image"]) != image.content, option
 
 
 def test_second_request_lands_on_the_replica_that_loaded_the_identity(service):
