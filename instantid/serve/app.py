@@ -32,7 +32,7 @@ def build_app(args: dict[str, Any] | ServeSettings) -> Application:
     actor_options: dict[str, Any] = {"num_cpus": settings.replica_cpus, "num_gpus": settings.replica_gpus}
     if settings.runtime_env is not None:
         actor_options["runtime_env"] = settings.runtime_env
-    model = InstantIDModel.options(
+    model = InstantIDModel.options(  # type: ignore[attr-defined]  # serve.deployment makes it a Deployment
         num_replicas=settings.num_replicas,
         max_ongoing_requests=settings.max_ongoing_requests,
         health_check_period_s=settings.health_check_period_s,
@@ -41,4 +41,5 @@ def build_app(args: dict[str, Any] | ServeSettings) -> Application:
     ingress_options: dict[str, Any] = {"num_cpus": 0}
     if settings.runtime_env is not None:
         ingress_options["runtime_env"] = settings.runtime_env
-    return InstantIDIngress.options(ray_actor_options=ingress_options).bind(model, data)
+    ingress = InstantIDIngress.options(ray_actor_options=ingress_options)  # type: ignore[attr-defined]
+    return ingress.bind(model, data)

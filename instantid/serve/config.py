@@ -39,7 +39,7 @@ def resolve(target: str | Callable[..., Any]) -> Callable[..., Any]:
         raise ValueError(f"cannot import {target!r}: {error}") from error
     if not callable(value):
         raise ValueError(f"{target!r} is a {type(value).__name__}, not a callable")
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 class ServeSettings(BaseModel):

@@ -127,6 +127,7 @@ class InstantIDIngress:
         body = await request.body()
         check_size(body, self.max_body)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        image: bytes | None
         if content_type.startswith("image/") or content_type == "application/octet-stream":
             identity_id, image, embedding = request.query_params.get("id"), body, None
             kps = size = None

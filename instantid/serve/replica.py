@@ -92,7 +92,8 @@ class InstantIDModel:
     def _models(self) -> OrderedDict[str, LoadedIdentity]:
         """The identities this replica holds, least recently used first (Ray's multiplexed LRU)."""
         wrapper = getattr(self._load_function, _MULTIPLEX_ATTRIBUTE, None)
-        return getattr(wrapper, "models", OrderedDict())
+        models = getattr(wrapper, "models", None)  # None until the first identity is asked for
+        return OrderedDict() if models is None else models
 
     def _evict(self, identity_id: str) -> bool:
         """Drop ``identity_id`` from the LRU (and free its view); tells Ray's router at its next push."""

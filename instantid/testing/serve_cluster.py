@@ -9,6 +9,7 @@ that kill one.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -39,7 +40,7 @@ def local_cluster(num_cpus: int = 2) -> Iterator[str]:
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
-        logging_level="WARNING",
+        logging_level=logging.WARNING,
         log_to_driver=False,
         runtime_env={"env_vars": {"PYTHONPATH": path, "RAY_SERVE_LOG_TO_STDERR": "0"}},
     )
