@@ -36,9 +36,9 @@ def identity(seed: int) -> IdentityRecord:
     return IdentityRecord(f"id{seed}", np.random.default_rng(seed).normal(size=512) * 20)
 
 
-def render(pipe, record, deadline_s: float = 60.0, **body) -> bytes:
+def render(pipe, record, deadline_s: float = 60.0, steps: int = 2, **body) -> bytes:
     request = GenerateRequest(prompt="a portrait", seed=1, **body)
-    return render_png(pipe, record, request, steps=2, size=(16, 16), deadline=time.monotonic() + deadline_s)
+    return render_png(pipe, record, request, steps=steps, size=(16, 16), deadline=time.monotonic() + deadline_s)
 
 
 def test_views_and_the_deep_copy_baseline_make_the_same_image_and_leave_the_base_alone(parts):
@@ -75,6 +75,9 @@ def test_deadline_and_size_checks(parts):
     pipe, _ = parts
     with pytest.raises(DeadlineExceeded, match="before its generation started"):
         render(pipe, identity(3), deadline_s=-1.0)
+    with pytest.raises(DeadlineExceeded, match=r"after \d+ denoising steps"):  # stopped between steps
+        render(pipe, identity(3), deadline_s=0.02, steps=200)
+    assert len(render(pipe, identity(3), steps=2)) > 0  # the pipeline carries on
     with pytest.raises(Unprocessable, match="multiple of 8"):
         image_size(pipe, GenerateRequest(prompt="p", width=12), 64)
     assert image_size(pipe, GenerateRequest(prompt="p"), 64) == (16, 16)
