@@ -92,7 +92,7 @@ def test_requirements_txt_lists_the_dependencies_less_torch() -> None:
 def test_every_third_party_module_the_pack_imports_is_declared() -> None:
     """cv2 (opencv-python, the one insightface brings), PIL (pillow), insightface, onnxruntime, numpy,
     safetensors, torch: the imports of the shipped modules, less the standard library, ComfyUI's own and
-    the diffusers extra's, each map to a declared distribution."""
+    the extras' (diffusers, serve), each map to a declared distribution."""
     import ast
 
     declared_modules = {
@@ -101,7 +101,11 @@ def test_every_third_party_module_the_pack_imports_is_declared() -> None:
         "onnx": "insightface", "google": "insightface",  # onnx and its protobuf come with insightface
     }
     comfyui_modules = {"folder_paths", "comfy", "nodes", "server", "execution", "aiohttp", "comfy_api"}
-    diffusers_extra = {"diffusers", "transformers", "typing_extensions", "wrapt"}
+    extras = {
+        "diffusers": {"diffusers", "transformers", "typing_extensions", "wrapt"},
+        # ray[serve] brings fastapi and pydantic; fsspec comes with diffusers (huggingface_hub)
+        "serve": {"ray", "fastapi", "pydantic", "fsspec"},
+    }
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     names = {d.split(">")[0].split("=")[0].split("[")[0] for d in pyproject["dependencies"]}
     imported = set()
@@ -114,7 +118,7 @@ def test_every_third_party_module_the_pack_imports_is_declared() -> None:
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 imported.add(node.module.split(".")[0])
     third_party = imported - set(sys.stdlib_module_names) - {"cow_model", "instantid"} - comfyui_modules
-    undeclared = third_party - diffusers_extra - set(declared_modules)
+    undeclared = third_party - set().union(*extras.values()) - set(declared_modules)
     assert not undeclared, f"imported but not declared: {sorted(undeclared)}"
     assert {declared_modules[m] for m in third_party & set(declared_modules)} <= names
 
