@@ -44,6 +44,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -55,7 +56,17 @@ from .errors import SharedWeightsError, UnknownPathError
 from .guard import WriteGuard
 from .scope import Scope, _private_copy
 from .state import CloneState
-from .tree import STATE_ATTR, alias, all_modules, link, shell_copy, storage_bytes, storage_id, tensor_slots
+from .tree import (
+    STATE_ATTR,
+    alias,
+    all_modules,
+    link,
+    raw_modules,
+    shell_copy,
+    storage_bytes,
+    storage_id,
+    tensor_slots,
+)
 
 PatchFn = Callable[[nn.Module], "nn.Module | None"]
 
@@ -125,6 +136,8 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
         state = self._cow
         if not torch.compiler.is_compiling():
             state.follow()
+            if _shares_training_buffers(self) and not state.in_scope_here():
+                self._cow_scoped("a training-mode forward", lambda: _private_training_buffers(self))
             if state.check_writes:
                 with WriteGuard(
                     lambda: state.shared().protected, state.describe, "a forward through this clone"
@@ -156,7 +169,10 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
         with state.lock:
             inside = self._cow_open_scope(f"patch_block({path!r})")
             undo: list[Callable[[], None]] = []
-            chain, origin = self._cow_path_copy(path, names, undo)
+            copied: dict[int, tuple[nn.Module, nn.Module]] = {}
+            chain, origin = self._cow_path_copy(path, names, undo, copied)
+            if not inside:
+                self._cow_tie_other_paths(copied, undo)
             if inside:  # a scoped method patching: its open scope covers the tree and commits for us
                 return self._cow_install(path, names, chain, fn(chain[-1]), undo)
             scope = Scope(state, chain[-1], f"the patch function for {path!r}", undo, origin=origin)
@@ -200,10 +216,17 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
         )
 
     def _cow_path_copy(
-        self, path: str, names: list[str], undo: list[Callable[[], None]]
+        self,
+        path: str,
+        names: list[str],
+        undo: list[Callable[[], None]],
+        copied: dict[int, tuple[nn.Module, nn.Module]],
     ) -> tuple[list[nn.Module], nn.Module | None]:
         """The modules from the root to ``path``, each owned by the clone (shell-copied where not yet),
-        and the module the one at ``path`` was copied from, when this call copied it."""
+        and the module the one at ``path`` was copied from, when this call copied it.
+
+        ``copied`` maps ``id(original) -> (original, shell)`` for the shells made (and reused: a module met again
+        gets the same shell, so a module at several paths stays one module)."""
         state = self._cow
         chain: list[nn.Module] = [self]
         origin = None
@@ -215,15 +238,32 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
                     restore()
                 raise UnknownPathError(self._cow_unknown(path, names[:depth], name))
             if id(child) not in state.owned:
-                shell = shell_copy(child)
+                made = copied.get(id(child))
+                if made is None:
+                    made = copied[id(child)] = (child, shell_copy(child))
+                    state.adopt_shell(made[1], child)
+                shell = made[1]
                 undo.append(functools.partial(link, children, name, child, chain[-1]))
                 link(children, name, shell, chain[-1])
-                state.adopt_shell(shell, child)
                 origin, child = child, shell
             else:
                 origin = None
             chain.append(child)
         return chain, origin
+
+    def _cow_tie_other_paths(
+        self, copied: dict[int, tuple[nn.Module, nn.Module]], undo: list[Callable[[], None]]
+    ) -> None:
+        """Put the shells of ``copied`` at every other path the clone holds their originals at.
+
+        One module at several paths (T5's ``shared`` / ``encoder.embed_tokens``) stays one module,
+        patched wherever it is reached. A module referenced once needs no walk: the tree is walked
+        only when an original has more references than its parents' dicts and this call account for.
+        """
+        if all(sys.getrefcount(original) <= _REFS_OF_A_TREE_NODE for original, _ in copied.values()):
+            return
+        for names in _paths_holding(self, set(copied)):
+            self._cow_path_copy(".".join(names), names, undo, copied)
 
     def _cow_unknown(self, path: str, found: list[str], missing: str) -> str:
         valid = [name for name, _ in self.named_modules() if name]
@@ -254,6 +294,15 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
         """Dotted paths of the modules this clone owns, root included as ""."""
         owned = self._cow.owned
         return [name for name, module in self.named_modules() if id(module) in owned]
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's own ``state_dict``, after taking the base's replacements of shared tensors."""
+        self._cow.follow()
+        return super().state_dict(*args, **kwargs)
+
+    def _named_members(self, *args: Any, **kwargs: Any) -> Any:
+        self._cow.follow()  # parameters(), buffers() and their named forms see what a call would run
+        return super()._named_members(*args, **kwargs)
 
     # -- memory --------------------------------------------------------------------------------
 
@@ -401,6 +450,30 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
         return self._cow_plain().__reduce_ex__(protocol)
 
 
+_REFS_OF_A_TREE_NODE = 5
+"""References to a module held at one path of one model, seen from ``_cow_tie_other_paths`` (its parent's
+dict, ``copied``, the undo entry, the loop and ``getrefcount``'s own); more may mean another path."""
+
+
+def _paths_holding(root: nn.Module, targets: set[int]) -> list[list[str]]:
+    """The paths under ``root`` (as held, no stand-ins made) at which a module with an id in ``targets`` sits."""
+    found: list[list[str]] = []
+    seen = {id(root)}
+    stack: list[tuple[nn.Module, list[str]]] = [(root, [])]
+    while stack:
+        module, names = stack.pop()
+        for name, child in dict.items(module.__dict__["_modules"]):
+            if child is None:
+                continue
+            path = [*names, name]
+            if id(child) in targets:
+                found.append(path)
+            elif id(child) not in seen:
+                seen.add(id(child))
+                stack.append((child, path))
+    return found
+
+
 def _install(clone: LazyClonedModel, fresh: dict[int, torch.Tensor]) -> None:
     """Inside an open scope: put ``fresh[id(old)]`` wherever the clone's tree holds ``old``.
 
@@ -457,37 +530,52 @@ def _make_clone(base: Any = None, *, check_writes: bool = False) -> LazyClonedMo
         model_class = type(base)
     else:
         raise TypeError(f"LazyClonedModel clones a torch.nn.Module; got {_describe(base)}")
+    if not isinstance(base, LazyClonedModel):
+        return _clone_of(base, model_class, check_writes, None)
+    parent = base._cow
+    with parent.lock:  # a scope of the parent's in another thread closes first
+        if parent.scopes:
+            raise SharedWeightsError(
+                "LazyClonedModel(clone) was called inside a patch function or scoped method of that clone; "
+                "make the child clone before or after it"
+            )
+        return _clone_of(base, model_class, check_writes, parent)
+
+
+def _clone_of(
+    base: nn.Module, model_class: type[nn.Module], check_writes: bool, parent: CloneState | None
+) -> LazyClonedModel:
     root = shell_copy(base, _clone_class(model_class))
     state = CloneState(root, base, check_writes)
     root.__dict__[STATE_ATTR] = state
     state.owned[id(root)] = root
-    if isinstance(base, LazyClonedModel):
-        origin = base._cow.origins.get(id(base))
+    if parent is not None:
+        origin = parent.origins.get(id(base))
         state.adopt_shell(root, origin.original if origin is not None else base)
-        _copy_parent_owned(root, base._cow, state)
+        _copy_parent_owned(root, parent, state)
     else:
         state.adopt_shell(root, base)
-    if base.training and _has_training_buffers(root):
-        root.train(True)
     return root  # type: ignore[return-value]
 
 
 def _copy_parent_owned(root: nn.Module, parent: CloneState, state: CloneState) -> None:
-    """Give a child clone its own copies of the modules and tensors its parent owns (O(parent's own))."""
+    """Give a child clone its own shells of the modules its parent owns, its own copies of the bytes the parent
+    made, and its own aliases of what the parent's aliases stand for (O(parent's own))."""
     stack = [root]
     shells: dict[int, nn.Module] = {}
     copies: dict[int, torch.Tensor] = {}
     while stack:
         module = stack.pop()
         for container, name, tensor in list(tensor_slots(module)):
-            if id(tensor) in parent.own_tensors or id(tensor) in parent.aliases:
+            record = parent.aliases.get(id(tensor))
+            if id(tensor) in parent.own_tensors or record is not None:
                 made = copies.get(id(tensor))
-                if made is None and tensor.requires_grad:  # trainable: the child trains its own copy
+                if made is None and record is None:  # bytes the parent made: the child's own copy
                     made = copies[id(tensor)] = _private_copy(tensor)
                     state.own_tensors[id(made)] = made
-                elif made is None:  # frozen: shared bytes, the child's own object
+                elif made is None and record is not None:  # a stand-in for the base's: the child's own stand-in
                     made = copies[id(tensor)] = alias(tensor)
-                    state.freeze_alias(made)
+                    state.adopt_alias_of(made, record)
                 container[name] = made
         for name, child in list(module._modules.items()):
             if child is None or id(child) not in parent.owned:
@@ -501,11 +589,15 @@ def _copy_parent_owned(root: nn.Module, parent: CloneState, state: CloneState) -
             module._modules[name] = shell
 
 
-def _has_training_buffers(root: nn.Module) -> bool:
-    return any(
-        module.training and any(b is not None for b in module._buffers.values())
-        for module in all_modules(root)
-    )
+def _shares_training_buffers(clone: LazyClonedModel) -> bool:
+    """Whether a module of the clone (as held, no stand-ins made) is in training mode with a buffer it does not own."""
+    own = clone._cow.own_tensors
+    for module in raw_modules(clone):
+        if module.training:
+            for tensor in dict.values(module.__dict__["_buffers"]):
+                if tensor is not None and id(tensor) not in own:
+                    return True
+    return False
 
 
 def _clone_class(model_class: type[nn.Module]) -> type:
