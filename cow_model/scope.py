@@ -139,8 +139,12 @@ class Scope:
         self.covered: list[tuple[nn.Module, dict[str, dict[str, Any]]]] = []
         self.links: dict[int, list[tuple[nn.Module, str]]] = {}  # id(shell) -> (parent, name) it is read at
         self.thread = threading.get_ident()
-        self.saved_tensors: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}  # the clone's own, as read
-        self.saved_bytes: dict[tuple[str, int], tuple[Any, Any]] = {}  # the clone's own storages, before a write
+        self.saved_tensors: dict[
+            int, tuple[torch.Tensor, torch.Tensor, bool]
+        ] = {}  # the clone's own, as read
+        self.saved_bytes: dict[
+            tuple[str, int], tuple[Any, Any]
+        ] = {}  # the clone's own storages, before a write
         self._own_storages: set[tuple[str, int]] | None = None
         self._guard: WriteGuard | None = None
 

@@ -102,7 +102,10 @@ class CloneState:
             self.origins[id(shell)] = _Origin(original, inherited)
 
     def adopt_tensor(
-        self, tensor: torch.Tensor, source: torch.Tensor | None, slot: tuple[nn.Module, str, str] | None = None
+        self,
+        tensor: torch.Tensor,
+        source: torch.Tensor | None,
+        slot: tuple[nn.Module, str, str] | None = None,
     ) -> None:
         """Record ``tensor`` as the clone's: an alias of ``source`` (held by the base at ``slot``) while it
         views its bytes, else private."""

@@ -61,7 +61,9 @@ def test_a_child_keeps_its_statistics_when_its_parent_trains_its_own_batchnorm()
 
 def test_unfreezing_a_child_and_stepping_never_writes_its_parents_frozen_tensors() -> None:
     base, parent = _parent_with_own_frozen_layer()
-    parent.patch_block("2", lambda m: setattr(m, "weight", nn.Parameter(torch.randn(2, 8), requires_grad=False)))
+    parent.patch_block(
+        "2", lambda m: setattr(m, "weight", nn.Parameter(torch.randn(2, 8), requires_grad=False))
+    )
     before, parent_before = state(base), values(parent)
     child = LazyClonedModel(parent)
     child.requires_grad_(True)
@@ -218,6 +220,7 @@ def test_a_module_the_base_gains_after_a_first_patch_is_protected() -> None:
     clone.patch_block("0", lambda m: setattr(m, "bias", nn.Parameter(torch.zeros(8))))
     base[1][0] = nn.Linear(8, 8)  # a replaced child in a subtree the clone shares
     before = state(base)
+
     def zero(m: nn.Module) -> None:
         m[0].weight.data.zero_()
 
@@ -329,7 +332,9 @@ def test_state_dict_reports_the_base_conversion_for_root_buffers() -> None:
     base = RootBuffer()
     clone = LazyClonedModel(base)
     base.double()
-    assert {k: v.dtype for k, v in clone.state_dict().items()} == {k: v.dtype for k, v in base.state_dict().items()}
+    assert {k: v.dtype for k, v in clone.state_dict().items()} == {
+        k: v.dtype for k, v in base.state_dict().items()
+    }
     assert [b.dtype for b in clone.buffers()] == [torch.float64]
 
 
@@ -346,7 +351,7 @@ def test_a_forward_racing_scopes_on_the_same_clone_never_sees_a_dict_change_size
             while not stop.is_set():
                 try:
                     clone(X)
-                except BaseException as error:  # noqa: BLE001  (the race is what is tested)
+                except BaseException as error:  # the race is what is tested
                     errors.append(error)
                     return
 
@@ -354,7 +359,7 @@ def test_a_forward_racing_scopes_on_the_same_clone_never_sees_a_dict_change_size
     reader.start()
     try:
         for i in range(100):
-            clone.patch_block(str(i % 3), lambda m: setattr(m, "note", i))
+            clone.patch_block(str(i % 3), lambda m, i=i: setattr(m, "note", i))
             clone.apply(lambda m: None)
     finally:
         stop.set()
