@@ -140,6 +140,7 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
             if _shares_training_buffers(self) and not state.in_scope_here():
                 self._cow_scoped("a training-mode forward", lambda: _private_training_buffers(self))
             if state.check_writes:
+                state.base_changed()  # what the base holds now is what the guard protects
                 with WriteGuard(
                     lambda: state.shared().protected, state.describe, "a forward through this clone"
                 ):

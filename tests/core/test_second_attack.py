@@ -266,6 +266,22 @@ def test_peft_modules_to_save_inside_patch_block_root() -> None:
     assert "modules_to_save" in dict(clone.named_modules()).get("2", nn.Module())._modules
 
 
+def test_add_adapter_with_modules_to_save_on_a_diffusers_clone() -> None:
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("diffusers")
+    import cow_model.diffusers  # noqa: F401 - registers add_adapter as scoped
+    from instantid.testing.tiny_pipelines import tiny_sdxl_unet
+
+    unet = tiny_sdxl_unet(seed=0)
+    before = state(unet)
+    clone = LazyClonedModel(unet)
+    config = peft.LoraConfig(r=2, target_modules=["to_q"], modules_to_save=["conv_out"], init_lora_weights=False)
+    clone.add_adapter(config)
+    assert type(clone.conv_out).__name__ == "ModulesToSaveWrapper"
+    assert type(unet.conv_out) is nn.Conv2d
+    assert_same(before, unet)
+
+
 def test_a_dropped_clone_is_freed_by_reference_counting() -> None:
     base = small_model()
     gc.collect()
