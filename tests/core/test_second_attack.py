@@ -275,7 +275,9 @@ def test_add_adapter_with_modules_to_save_on_a_diffusers_clone() -> None:
     unet = tiny_sdxl_unet(seed=0)
     before = state(unet)
     clone = LazyClonedModel(unet)
-    config = peft.LoraConfig(r=2, target_modules=["to_q"], modules_to_save=["conv_out"], init_lora_weights=False)
+    config = peft.LoraConfig(
+        r=2, target_modules=["to_q"], modules_to_save=["conv_out"], init_lora_weights=False
+    )
     clone.add_adapter(config)
     assert type(clone.conv_out).__name__ == "ModulesToSaveWrapper"
     assert type(unet.conv_out) is nn.Conv2d
