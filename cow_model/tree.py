@@ -21,7 +21,6 @@ parametrization's ``set_`` change the alias only.
 
 from __future__ import annotations
 
-import copy
 import functools
 import types
 from collections import OrderedDict
