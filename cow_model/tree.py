@@ -48,6 +48,8 @@ _TREE_DICTS = frozenset({"_parameters", "_buffers", "_modules"})
 _BINDABLE = frozenset({types.MethodType, functools.partial})
 _ATOMIC = frozenset({int, float, bool, str, type(None), tuple, frozenset, bytes, torch.dtype, torch.device})
 """Attribute types a shell shares without looking at them (immutable)."""
+_SCALARS = _ATOMIC - {tuple, frozenset}
+"""Immutable types that hold nothing else."""
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {STATE_ATTR, _COMPILED, "forward"}
 """Attributes every module has (torch's parameter, buffer, child and hook containers): never plain state."""
 _NOT_PLAIN = (nn.Module, torch.Tensor, type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType,
@@ -190,11 +192,11 @@ def _rehandle(handle: RemovableHandle, old: dict[str, Any], new: dict[str, Any])
 def _reaches_state(value: Any) -> bool:
     """Whether a write through ``value`` (an attribute of a module) could change something mutable."""
     kind = type(value)
-    if kind in _ATOMIC or kind in _BINDABLE:
+    if kind in _SCALARS or kind in _BINDABLE:
         return False
-    if kind in PLAIN_CONTAINERS:
+    if kind in PLAIN_CONTAINERS or kind is tuple or kind is frozenset:
         items = value.values() if isinstance(value, dict) else value
-        return kind is not set and any(type(item) not in _ATOMIC for item in items)
+        return kind is not set and any(type(item) not in _SCALARS for item in items)
     return not isinstance(value, _NOT_PLAIN) and not is_shared(value)
 
 
@@ -209,7 +211,7 @@ def private_plain_state(module: nn.Module, memo: dict[int, Any]) -> list[tuple[s
     """
     state = module.__dict__
     made = []
-    for name in [n for n, v in state.items() if type(v) not in _ATOMIC and n not in _MODULE_INTERNALS]:
+    for name in [n for n, v in state.items() if type(v) not in _SCALARS and n not in _MODULE_INTERNALS]:
         value = state[name]
         if name in _REBUILDERS or not _reaches_state(value):
             continue
@@ -285,7 +287,7 @@ def tensors_held(module: nn.Module) -> Iterator[torch.Tensor]:
     """Tensors ``module`` holds outside its parameters and buffers: in attributes, in the containers
     and plain objects there (one level into an object's ``__dict__``), and inside TorchScript objects
     (a quantized module's packed weights)."""
-    stack = [v for n, v in module.__dict__.items() if n not in _MODULE_INTERNALS and type(v) not in _ATOMIC]
+    stack = [v for n, v in module.__dict__.items() if n not in _MODULE_INTERNALS and type(v) not in _SCALARS]
     seen: set[int] = set()
     while stack:
         value = stack.pop()
