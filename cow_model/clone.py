@@ -55,7 +55,17 @@ from .errors import SharedWeightsError, UnknownPathError
 from .guard import WriteGuard
 from .scope import Scope, _private_copy
 from .state import CloneState
-from .tree import STATE_ATTR, alias, all_modules, link, shell_copy, storage_bytes, storage_id, tensor_slots
+from .tree import (
+    STATE_ATTR,
+    alias,
+    all_modules,
+    link,
+    shell_copy,
+    storage_bytes,
+    storage_id,
+    tensor_slots,
+    tensors_held,
+)
 
 PatchFn = Callable[[nn.Module], "nn.Module | None"]
 
@@ -258,14 +268,24 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
     # -- memory --------------------------------------------------------------------------------
 
     def _cow_storages(self) -> tuple[dict[Any, int], dict[Any, int]]:
-        own = self._cow.own_tensors
-        private: dict[Any, int] = {}
-        for tensor in own.values():
-            key = storage_id(tensor)
-            if key is not None:
-                private[key] = tensor.untyped_storage().nbytes()
+        """``(private, shared)`` storages. Private: those of the clone's own parameters and buffers and of the
+        tensors its own modules hold elsewhere (K/V a patch stored as an attribute, a quantized module's
+        packed weights), less the base's. Shared: the rest of its parameters' and buffers'."""
+        state = self._cow
         everything = storage_bytes(self)
-        live = {key: size for key, size in private.items() if key in everything}
+        mine: dict[Any, int] = {}
+        for tensor in state.own_tensors.values():
+            key = storage_id(tensor)
+            if key in everything:
+                mine[key] = everything[key]
+        for module in all_modules(self):
+            if id(module) in state.owned:
+                for tensor in tensors_held(module):
+                    key = storage_id(tensor)
+                    if key is not None:
+                        mine[key] = tensor.untyped_storage().nbytes()
+        base = state.shared().storages if mine else set()
+        live = {key: size for key, size in mine.items() if key not in base}
         return live, {key: size for key, size in everything.items() if key not in live}
 
     @property
@@ -275,7 +295,8 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
 
     @property
     def private_bytes(self) -> int:
-        """Bytes of tensor storage that this clone created and holds."""
+        """Bytes of tensor storage that this clone created and holds: its own parameters and buffers, and
+        tensors its own modules keep in attributes or TorchScript objects (never the base's bytes)."""
         return sum(self._cow_storages()[0].values())
 
     # -- scoped torch methods ------------------------------------------------------------------
