@@ -44,7 +44,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -353,59 +353,25 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
     ) -> _IncompatibleKeys:
-        """Load tensors into new private tensors, in path-copied modules; the base keeps its values.
+        """torch's own ``load_state_dict`` on the clone's shells, into new private tensors; the base keeps its values.
 
-        Keys, shapes and ``strict`` behave as in ``torch.nn.Module.load_state_dict`` (the dtype
-        and device of the current tensor are kept; with ``assign=True`` the given tensors themselves are
-        installed, keeping the current ``requires_grad``, as torch does). A tensor held under several keys (tied
-        weights, a module at two paths) becomes one new tensor. Runs in a scope over the whole
-        tree (a shell per module, milliseconds), so ties and shared modules stay tied. Module-specific ``_load_from_state_dict``
-        overrides are not run. Raises ``RuntimeError`` listing every problem before anything changes.
+        Runs in a scope over the whole tree: every module's ``_load_from_state_dict`` and load hooks run as on
+        the model (pre-hooks that rename keys, BatchNorm's version-1 checkpoints, quantized modules' packed
+        weights), and keys, shapes, ``strict`` and errors are torch's. Before torch copies, each tensor it will
+        write gets a new private tensor (one per tied tensor, so ties stay tied); a module with its own loader
+        or load pre-hooks gets private copies of all its tensors, keys or not (BatchNorm's loader copies its
+        ``num_batches_tracked`` into itself when a checkpoint has no version). With ``assign=True`` torch
+        installs the given tensors (bytes shared with the base are copied first, as anything a scope installs).
+        On an error nothing changes: the scope rolls the clone back.
         """
-        found, unexpected, errors = {}, [], []
-        for key, value in state_dict.items():
-            held = self._cow_find(key)
-            if held is None:
-                unexpected.append(key)
-            elif tuple(value.shape) != tuple(held.shape):
-                errors.append(
-                    f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
-                    f"the shape in the current model is {tuple(held.shape)}"
-                )
-            else:
-                found[key] = held
-        missing = [key for key in _state_keys(self) if key not in state_dict]
-        if strict:
-            errors += [f'Unexpected key(s) in state_dict: "{key}"' for key in unexpected]
-            errors += [f'Missing key(s) in state_dict: "{key}"' for key in missing]
-        if errors:
-            raise RuntimeError(
-                f"Error(s) in loading state_dict for {type(self).__name__}:\n\t" + "\n\t".join(errors)
-            )
-        fresh: dict[int, torch.Tensor] = {}
-        for key, held in found.items():
-            if assign:
-                fresh[id(held)] = _as_held(state_dict[key], held)
-                continue
-            made = fresh.get(id(held))
-            if made is None:
-                made = fresh[id(held)] = _private_like(held)
-            with torch.no_grad():
-                made.copy_(state_dict[key])
-        self._cow_scoped("load_state_dict", lambda: _install(self, fresh))
-        return _IncompatibleKeys(missing, unexpected)
+        keys = set(state_dict)
 
-    def _cow_find(self, key: str) -> torch.Tensor | None:
-        module: nn.Module | None = self
-        path, _, name = key.rpartition(".")
-        for part in path.split(".") if path else []:
-            module = module._modules.get(part) if module is not None else None
-        if module is None:
-            return None
-        held: torch.Tensor | None = module._parameters.get(name)
-        if held is None and name not in module._non_persistent_buffers_set:
-            held = module._buffers.get(name)
-        return held
+        def load() -> _IncompatibleKeys:
+            if not assign:
+                _private_for_load(self, keys)
+            return super(LazyClonedModel, self).load_state_dict(state_dict, strict, assign)
+
+        return self._cow_scoped("load_state_dict", load)  # type: ignore[no-any-return]
 
     # -- identity and copies -------------------------------------------------------------------
 
@@ -422,25 +388,28 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
         return self._cow_plain().__reduce_ex__(protocol)
 
 
-def _install(clone: LazyClonedModel, fresh: dict[int, torch.Tensor]) -> None:
-    """Inside an open scope: put ``fresh[id(old)]`` wherever the clone's tree holds ``old``.
-
-    Children are read through the scope (so the modules written are the clone's copies); tensors
-    are looked at as held, without making aliases of them.
-    """
-    for module in all_modules(clone):
-        for held in (module.__dict__["_parameters"], module.__dict__["_buffers"]):
-            for name, tensor in list(dict.items(held)):
-                made = fresh.get(id(tensor))
-                if made is not None:
-                    held[name] = made
-
-
-def _as_held(value: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
-    """``value`` itself, as a parameter when ``held`` is one (``load_state_dict(assign=True)``)."""
-    if isinstance(held, nn.Parameter) and not isinstance(value, nn.Parameter):
-        return nn.Parameter(value, requires_grad=held.requires_grad)
-    return value
+def _private_for_load(clone: LazyClonedModel, keys: set[str]) -> None:
+    """Inside an open scope: a new private tensor wherever ``load_state_dict`` will copy into (its doc),
+    put in every slot that holds the same tensor (ties stay tied)."""
+    slots: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+    fresh: dict[int, torch.Tensor] = {}
+    for prefix, module in clone.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        own_loader = (
+            type(module)._load_from_state_dict is not nn.Module._load_from_state_dict
+            or bool(module._load_state_dict_pre_hooks)
+        )
+        for held in (module._parameters, module._buffers):
+            for name, tensor in held.items():
+                if tensor is None or (held is module._buffers and name in module._non_persistent_buffers_set):
+                    continue
+                slots.append((held, name, tensor))
+                if (own_loader or dot + name in keys) and id(tensor) not in fresh:
+                    fresh[id(tensor)] = _private_copy(tensor) if own_loader else _private_like(tensor)
+    for held, name, tensor in slots:
+        made = fresh.get(id(tensor))
+        if made is not None:
+            held[name] = made
 
 
 def _private_like(tensor: torch.Tensor) -> torch.Tensor:
@@ -448,17 +417,6 @@ def _private_like(tensor: torch.Tensor) -> torch.Tensor:
     if isinstance(tensor, nn.Parameter):
         return torch.Tensor._make_subclass(type(tensor), made, tensor.requires_grad)
     return made
-
-
-def _state_keys(module: nn.Module) -> Iterator[str]:
-    for prefix, sub in module.named_modules(remove_duplicate=False):
-        dot = f"{prefix}." if prefix else ""
-        for name, tensor in sub._parameters.items():
-            if tensor is not None:
-                yield dot + name
-        for name, tensor in sub._buffers.items():
-            if tensor is not None and name not in sub._non_persistent_buffers_set:
-                yield dot + name
 
 
 def _private_training_buffers(clone: LazyClonedModel) -> None:
