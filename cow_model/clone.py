@@ -49,7 +49,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.modules.module import _IncompatibleKeys
+from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
 from .errors import SharedWeightsError, UnknownPathError
 from .guard import WriteGuard
@@ -135,12 +137,39 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
         state = self._cow
         if not torch.compiler.is_compiling():
             state.follow()
+            if state.lazy is None or state.lazy:
+                self._cow_own_lazy_modules()
             if state.check_writes:
                 with WriteGuard(
                     lambda: state.shared().protected, state.describe, "a forward through this clone"
                 ):
                     return super().__call__(*args, **kwargs)
         return super().__call__(*args, **kwargs)
+
+    def _cow_own_lazy_modules(self) -> None:
+        """Before the first forward: path-copy the base's uninitialized lazy modules (``nn.LazyLinear`` ...) with
+        new uninitialized tensors of the clone's own, so that the forward materialises them on the clone's shells."""
+        state = self._cow
+        with state.lock:
+            if state.lazy is None:
+                state.lazy = [
+                    name
+                    for name, module in self.named_modules()
+                    if name and isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()  # type: ignore[misc]
+                ]
+            for path in state.lazy:
+                shell = self._cow_path_copy(path, path.split("."), [])[0][-1]
+                for kind in ("_parameters", "_buffers"):
+                    held = shell.__dict__[kind]
+                    for name, tensor in list(held.items()):
+                        if isinstance(tensor, UninitializedTensorMixin):
+                            made = type(tensor)(
+                                requires_grad=tensor.requires_grad, device=tensor.device, dtype=tensor.dtype
+                            )
+                            made.__dict__.update(tensor.__dict__)
+                            held[name] = made
+                            state.own_tensors[id(made)] = made
+            state.lazy = []
 
     # -- structure -----------------------------------------------------------------------------
 
@@ -371,7 +400,7 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
                 _private_for_load(self, keys)
             return super(LazyClonedModel, self).load_state_dict(state_dict, strict, assign)
 
-        return self._cow_scoped("load_state_dict", load)  # type: ignore[no-any-return]
+        return self._cow_scoped("load_state_dict", load)
 
     # -- identity and copies -------------------------------------------------------------------
 
@@ -395,9 +424,8 @@ def _private_for_load(clone: LazyClonedModel, keys: set[str]) -> None:
     fresh: dict[int, torch.Tensor] = {}
     for prefix, module in clone.named_modules(remove_duplicate=False):
         dot = f"{prefix}." if prefix else ""
-        own_loader = (
-            type(module)._load_from_state_dict is not nn.Module._load_from_state_dict
-            or bool(module._load_state_dict_pre_hooks)
+        own_loader = type(module)._load_from_state_dict is not nn.Module._load_from_state_dict or bool(
+            module._load_state_dict_pre_hooks
         )
         for held in (module._parameters, module._buffers):
             for name, tensor in held.items():

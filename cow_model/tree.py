@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parameter import UninitializedTensorMixin
+from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 from torch.utils.hooks import RemovableHandle
 
 from .options import cow_copy, is_shared
@@ -302,7 +302,7 @@ def tensors_held(module: nn.Module) -> Iterator[torch.Tensor]:
             stack.extend(value)
         elif isinstance(value, torch._C.ScriptObject):
             try:
-                stack.append(value.__getstate__())
+                stack.append(value.__getstate__())  # type: ignore[attr-defined]
             except Exception:
                 continue
         elif hasattr(value, "__dict__") and not isinstance(value, _NOT_PLAIN):
