@@ -197,7 +197,7 @@ def test_load_state_dict_reports_bad_keys_as_torch_and_leaves_the_clone() -> Non
     mine = clone[0].weight
     bad = dict(small_model(1).state_dict()) | {"nope": torch.zeros(1)}
     bad["2.weight"] = torch.zeros(3, 3)
-    with pytest.raises(RuntimeError, match="size mismatch for 2.weight") as raised:
+    with pytest.raises(RuntimeError, match=r"size mismatch for 2\.weight") as raised:
         clone.load_state_dict(bad)
     assert "nope" in str(raised.value)
     assert_same(before, base)
