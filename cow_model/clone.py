@@ -46,12 +46,14 @@ import difflib
 import functools
 import sys
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.modules.module import _IncompatibleKeys
+from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
 from .errors import SharedWeightsError, UnknownPathError
 from .guard import WriteGuard
@@ -67,6 +69,7 @@ from .tree import (
     storage_bytes,
     storage_id,
     tensor_slots,
+    tensors_held,
 )
 
 PatchFn = Callable[[nn.Module], "nn.Module | None"]
@@ -137,6 +140,8 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
         state = self._cow
         if not torch.compiler.is_compiling():
             state.follow()
+            if state.lazy is None or state.lazy:
+                self._cow_own_lazy_modules()
             if _shares_training_buffers(self) and not state.in_scope_here():
                 self._cow_scoped("a training-mode forward", lambda: _private_training_buffers(self))
             if state.check_writes:
@@ -146,6 +151,31 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
                 ):
                     return super().__call__(*args, **kwargs)
         return super().__call__(*args, **kwargs)
+
+    def _cow_own_lazy_modules(self) -> None:
+        """Before the first forward: path-copy the base's uninitialized lazy modules (``nn.LazyLinear`` ...) with
+        new uninitialized tensors of the clone's own, so that the forward materialises them on the clone's shells."""
+        state = self._cow
+        with state.lock:
+            if state.lazy is None:
+                state.lazy = [
+                    name
+                    for name, module in self.named_modules()
+                    if name and isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()  # type: ignore[misc]
+                ]
+            for path in state.lazy:
+                shell = self._cow_path_copy(path, path.split("."), [])[0][-1]
+                for kind in ("_parameters", "_buffers"):
+                    held = shell.__dict__[kind]
+                    for name, tensor in list(held.items()):
+                        if isinstance(tensor, UninitializedTensorMixin):
+                            made = type(tensor)(
+                                requires_grad=tensor.requires_grad, device=tensor.device, dtype=tensor.dtype
+                            )
+                            made.__dict__.update(tensor.__dict__)
+                            held[name] = made
+                            state.own_tensors[id(made)] = made
+            state.lazy = []
 
     # -- structure -----------------------------------------------------------------------------
 
@@ -223,8 +253,8 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
         path: str,
         names: list[str],
         undo: list[Callable[[], None]],
-        copied: dict[int, tuple[nn.Module, nn.Module]],
-        elsewhere: list[nn.Module],
+        copied: dict[int, tuple[nn.Module, nn.Module]] | None = None,
+        elsewhere: list[nn.Module] | None = None,
     ) -> tuple[list[nn.Module], nn.Module | None]:
         """The modules from the root to ``path``, each owned by the clone (shell-copied where not yet),
         and the module the one at ``path`` was copied from, when this call copied it.
@@ -236,6 +266,8 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
         state = self._cow
         chain: list[nn.Module] = [self]
         origin = None
+        copied = {} if copied is None else copied
+        elsewhere = [] if elsewhere is None else elsewhere
         for depth, name in enumerate(names):
             children = chain[-1]._modules
             child = children.get(name)
@@ -269,7 +301,7 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
         copied a module that may be held elsewhere (``_cow_path_copy``).
         """
         for names in _paths_holding(self, set(copied)):
-            self._cow_path_copy(".".join(names), names, undo, copied, [])
+            self._cow_path_copy(".".join(names), names, undo, copied)
 
     def _cow_unknown(self, path: str, found: list[str], missing: str) -> str:
         valid = [name for name, _ in self.named_modules() if name]
@@ -313,14 +345,24 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
     # -- memory --------------------------------------------------------------------------------
 
     def _cow_storages(self) -> tuple[dict[Any, int], dict[Any, int]]:
-        own = self._cow.own_tensors
-        private: dict[Any, int] = {}
-        for tensor in own.values():
-            key = storage_id(tensor)
-            if key is not None:
-                private[key] = tensor.untyped_storage().nbytes()
+        """``(private, shared)`` storages. Private: those of the clone's own parameters and buffers and of the
+        tensors its own modules hold elsewhere (K/V a patch stored as an attribute, a quantized module's
+        packed weights), less the base's. Shared: the rest of its parameters' and buffers'."""
+        state = self._cow
         everything = storage_bytes(self)
-        live = {key: size for key, size in private.items() if key in everything}
+        mine: dict[Any, int] = {}
+        for tensor in state.own_tensors.values():
+            key = storage_id(tensor)
+            if key in everything:
+                mine[key] = everything[key]
+        for module in all_modules(self):
+            if id(module) in state.owned:
+                for tensor in tensors_held(module):
+                    key = storage_id(tensor)
+                    if key is not None:
+                        mine[key] = tensor.untyped_storage().nbytes()
+        base = state.shared().storages if mine else set()
+        live = {key: size for key, size in mine.items() if key not in base}
         return live, {key: size for key, size in everything.items() if key not in live}
 
     @property
@@ -330,7 +372,8 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
 
     @property
     def private_bytes(self) -> int:
-        """Bytes of tensor storage that this clone created and holds."""
+        """Bytes of tensor storage that this clone created and holds: its own parameters and buffers, and
+        tensors its own modules keep in attributes or TorchScript objects (never the base's bytes)."""
         return sum(self._cow_storages()[0].values())
 
     # -- scoped torch methods ------------------------------------------------------------------
@@ -387,59 +430,25 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
     ) -> _IncompatibleKeys:
-        """Load tensors into new private tensors, in path-copied modules; the base keeps its values.
+        """torch's own ``load_state_dict`` on the clone's shells, into new private tensors; the base keeps its values.
 
-        Keys, shapes and ``strict`` behave as in ``torch.nn.Module.load_state_dict`` (the dtype
-        and device of the current tensor are kept; with ``assign=True`` the given tensors themselves are
-        installed, keeping the current ``requires_grad``, as torch does). A tensor held under several keys (tied
-        weights, a module at two paths) becomes one new tensor. Runs in a scope over the whole
-        tree (a shell per module, milliseconds), so ties and shared modules stay tied. Module-specific ``_load_from_state_dict``
-        overrides are not run. Raises ``RuntimeError`` listing every problem before anything changes.
+        Runs in a scope over the whole tree: every module's ``_load_from_state_dict`` and load hooks run as on
+        the model (pre-hooks that rename keys, BatchNorm's version-1 checkpoints, quantized modules' packed
+        weights), and keys, shapes, ``strict`` and errors are torch's. Before torch copies, each tensor it will
+        write gets a new private tensor (one per tied tensor, so ties stay tied); a module with its own loader
+        or load pre-hooks gets private copies of all its tensors, keys or not (BatchNorm's loader copies its
+        ``num_batches_tracked`` into itself when a checkpoint has no version). With ``assign=True`` torch
+        installs the given tensors (bytes shared with the base are copied first, as anything a scope installs).
+        On an error nothing changes: the scope rolls the clone back.
         """
-        found, unexpected, errors = {}, [], []
-        for key, value in state_dict.items():
-            held = self._cow_find(key)
-            if held is None:
-                unexpected.append(key)
-            elif tuple(value.shape) != tuple(held.shape):
-                errors.append(
-                    f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
-                    f"the shape in the current model is {tuple(held.shape)}"
-                )
-            else:
-                found[key] = held
-        missing = [key for key in _state_keys(self) if key not in state_dict]
-        if strict:
-            errors += [f'Unexpected key(s) in state_dict: "{key}"' for key in unexpected]
-            errors += [f'Missing key(s) in state_dict: "{key}"' for key in missing]
-        if errors:
-            raise RuntimeError(
-                f"Error(s) in loading state_dict for {type(self).__name__}:\n\t" + "\n\t".join(errors)
-            )
-        fresh: dict[int, torch.Tensor] = {}
-        for key, held in found.items():
-            if assign:
-                fresh[id(held)] = _as_held(state_dict[key], held)
-                continue
-            made = fresh.get(id(held))
-            if made is None:
-                made = fresh[id(held)] = _private_like(held)
-            with torch.no_grad():
-                made.copy_(state_dict[key])
-        self._cow_scoped("load_state_dict", lambda: _install(self, fresh))
-        return _IncompatibleKeys(missing, unexpected)
+        keys = set(state_dict)
 
-    def _cow_find(self, key: str) -> torch.Tensor | None:
-        module: nn.Module | None = self
-        path, _, name = key.rpartition(".")
-        for part in path.split(".") if path else []:
-            module = module._modules.get(part) if module is not None else None
-        if module is None:
-            return None
-        held: torch.Tensor | None = module._parameters.get(name)
-        if held is None and name not in module._non_persistent_buffers_set:
-            held = module._buffers.get(name)
-        return held
+        def load() -> _IncompatibleKeys:
+            if not assign:
+                _private_for_load(self, keys)
+            return super(LazyClonedModel, self).load_state_dict(state_dict, strict, assign)
+
+        return self._cow_scoped("load_state_dict", load)
 
     # -- identity and copies -------------------------------------------------------------------
 
@@ -502,25 +511,27 @@ def _paths_holding(root: nn.Module, targets: set[int]) -> list[list[str]]:
     return found
 
 
-def _install(clone: LazyClonedModel, fresh: dict[int, torch.Tensor]) -> None:
-    """Inside an open scope: put ``fresh[id(old)]`` wherever the clone's tree holds ``old``.
-
-    Children are read through the scope (so the modules written are the clone's copies); tensors
-    are looked at as held, without making aliases of them.
-    """
-    for module in all_modules(clone):
-        for held in (module.__dict__["_parameters"], module.__dict__["_buffers"]):
-            for name, tensor in list(dict.items(held)):
-                made = fresh.get(id(tensor))
-                if made is not None:
-                    held[name] = made
-
-
-def _as_held(value: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
-    """``value`` itself, as a parameter when ``held`` is one (``load_state_dict(assign=True)``)."""
-    if isinstance(held, nn.Parameter) and not isinstance(value, nn.Parameter):
-        return nn.Parameter(value, requires_grad=held.requires_grad)
-    return value
+def _private_for_load(clone: LazyClonedModel, keys: set[str]) -> None:
+    """Inside an open scope: a new private tensor wherever ``load_state_dict`` will copy into (its doc),
+    put in every slot that holds the same tensor (ties stay tied)."""
+    slots: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+    fresh: dict[int, torch.Tensor] = {}
+    for prefix, module in clone.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        own_loader = type(module)._load_from_state_dict is not nn.Module._load_from_state_dict or bool(
+            module._load_state_dict_pre_hooks
+        )
+        for held in (module._parameters, module._buffers):
+            for name, tensor in held.items():
+                if tensor is None or (held is module._buffers and name in module._non_persistent_buffers_set):
+                    continue
+                slots.append((held, name, tensor))
+                if (own_loader or dot + name in keys) and id(tensor) not in fresh:
+                    fresh[id(tensor)] = _private_copy(tensor) if own_loader else _private_like(tensor)
+    for held, name, tensor in slots:
+        made = fresh.get(id(tensor))
+        if made is not None:
+            held[name] = made
 
 
 def _private_like(tensor: torch.Tensor) -> torch.Tensor:
@@ -528,17 +539,6 @@ def _private_like(tensor: torch.Tensor) -> torch.Tensor:
     if isinstance(tensor, nn.Parameter):
         return torch.Tensor._make_subclass(type(tensor), made, tensor.requires_grad)
     return made
-
-
-def _state_keys(module: nn.Module) -> Iterator[str]:
-    for prefix, sub in module.named_modules(remove_duplicate=False):
-        dot = f"{prefix}." if prefix else ""
-        for name, tensor in sub._parameters.items():
-            if tensor is not None:
-                yield dot + name
-        for name, tensor in sub._buffers.items():
-            if tensor is not None and name not in sub._non_persistent_buffers_set:
-                yield dot + name
 
 
 def _private_training_buffers(clone: LazyClonedModel) -> None:
@@ -636,7 +636,7 @@ def _shares_training_buffers(clone: LazyClonedModel) -> bool:
         if visits > _FAST_WALK:
             return any(_training_with_shared_buffers(m, clone) for m in raw_modules(clone))
         state = module.__dict__
-        if state["training"] and state["_buffers"] and _training_with_shared_buffers(module, clone):
+        if state.get("training") and state["_buffers"] and _training_with_shared_buffers(module, clone):
             return True
         stack.extend(dict.values(state["_modules"]))
     return False

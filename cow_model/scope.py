@@ -8,10 +8,14 @@ copy-on-access, the way persistent data structures open a transient for a batch 
    same way; a tensor the clone does not own becomes an alias (a new tensor object viewing the
    same bytes). One stand-in per object, so a module at several paths and tied tensors stay tied.
    Only what the block reaches is copied: its cost follows what it touches, not the tree.
+   Each covered module also gets copies of the attributes a write could reach through (nested
+   dicts and lists, plain objects such as attention processors: ``tree.private_plain_state``,
+   ``cow_copy`` semantics), since attribute reads cannot be intercepted.
 2. The block runs under a :class:`~cow_model.guard.WriteGuard` protecting the storages shared
    with the base and the base's own tensor objects.
 3. On success, stand-ins nothing changed are swapped back for the originals (the clone keeps
-   sharing them) and the rest become the clone's own. Tensors the block created are the clone's
+   sharing them) and the rest become the clone's own; so do copied plain attributes the block
+   left equal to the original (compared structurally, ``tree.unchanged``). Tensors the block created are the clone's
    too; one viewing shared bytes (``weight.data`` wrapped in a new parameter, as ``weight_norm``
    does) is copied first, so later writes to it cannot reach the base.
 4. On an exception, the clone's tree is put back as it was (the same container objects, so hook
@@ -37,7 +41,17 @@ import torch
 from torch import nn
 
 from .guard import Protected, WriteGuard
-from .tree import PLAIN_CONTAINERS, alias, link, same_state, same_tensor_view, shell_copy, storage_id
+from .tree import (
+    PLAIN_CONTAINERS,
+    alias,
+    link,
+    private_plain_state,
+    same_state,
+    same_tensor_view,
+    shell_copy,
+    storage_id,
+    unchanged,
+)
 
 if TYPE_CHECKING:
     from .state import CloneState
@@ -146,6 +160,8 @@ class Scope:
             tuple[str, int], tuple[Any, Any]
         ] = {}  # the clone's own storages, before a write
         self._own_storages: set[tuple[str, int]] | None = None
+        self.plain: list[tuple[nn.Module, list[tuple[str, Any, Any]]]] = []  # copied plain attributes
+        self.memo: dict[int, Any] = {}  # one copy per plain object in the whole scope
         self._guard: WriteGuard | None = None
 
     # -- covering ------------------------------------------------------------------------------
@@ -170,6 +186,9 @@ class Scope:
         """Give ``module`` on-access dicts, remembering its own dicts to put back."""
         if snapshot:
             self.undo.append(_restorer(module))
+        made = private_plain_state(module, self.memo)
+        if made:
+            self.plain.append((module, made))
         state = module.__dict__
         originals = {kind: state[kind] for kind in _KINDS}
         for kind, held in originals.items():
@@ -259,8 +278,17 @@ class Scope:
                 if tensor.requires_grad != requires_grad:
                     tensor.requires_grad_(requires_grad)
 
+    def _share_unchanged_plain_state(self) -> None:
+        """Plain attributes the block did not change go back to the objects the module shared."""
+        for module, made in self.plain:
+            held = module.__dict__
+            for name, copied, original in made:
+                if held.get(name) is copied and unchanged(copied, original):
+                    held[name] = original
+
     def _commit(self) -> None:
         state = self.state
+        self._share_unchanged_plain_state()
         resolved = [
             (module, kind, key)
             for module, _ in self.covered

@@ -86,6 +86,8 @@ class CloneState:
         self.scopes: list[Scope] = []
         self._shared: Shared | None = None
         self.lock = threading.RLock()
+        self.lazy: list[str] | None = None
+        """Paths of the base's lazy modules still uninitialized in the clone (``None``: not looked for yet)."""
 
     # -- ownership -----------------------------------------------------------------------------
 
