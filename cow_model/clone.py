@@ -44,6 +44,8 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
+import sys
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -62,6 +64,7 @@ from .tree import (
     alias,
     all_modules,
     link,
+    raw_modules,
     shell_copy,
     storage_bytes,
     storage_id,
@@ -139,7 +142,10 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
             state.follow()
             if state.lazy is None or state.lazy:
                 self._cow_own_lazy_modules()
+            if _shares_training_buffers(self) and not state.in_scope_here():
+                self._cow_scoped("a training-mode forward", lambda: _private_training_buffers(self))
             if state.check_writes:
+                state.base_changed()  # what the base holds now is what the guard protects
                 with WriteGuard(
                     lambda: state.shared().protected, state.describe, "a forward through this clone"
                 ):
@@ -195,7 +201,11 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
         with state.lock:
             inside = self._cow_open_scope(f"patch_block({path!r})")
             undo: list[Callable[[], None]] = []
-            chain, origin = self._cow_path_copy(path, names, undo)
+            copied: dict[int, tuple[nn.Module, nn.Module]] = {}
+            elsewhere: list[nn.Module] = []
+            chain, origin = self._cow_path_copy(path, names, undo, copied, elsewhere)
+            if elsewhere and not inside:
+                self._cow_tie_other_paths(copied, undo)
             if inside:  # a scoped method patching: its open scope covers the tree and commits for us
                 return self._cow_install(path, names, chain, fn(chain[-1]), undo)
             scope = Scope(state, chain[-1], f"the patch function for {path!r}", undo, origin=origin)
@@ -239,13 +249,25 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
         )
 
     def _cow_path_copy(
-        self, path: str, names: list[str], undo: list[Callable[[], None]]
+        self,
+        path: str,
+        names: list[str],
+        undo: list[Callable[[], None]],
+        copied: dict[int, tuple[nn.Module, nn.Module]] | None = None,
+        elsewhere: list[nn.Module] | None = None,
     ) -> tuple[list[nn.Module], nn.Module | None]:
         """The modules from the root to ``path``, each owned by the clone (shell-copied where not yet),
-        and the module the one at ``path`` was copied from, when this call copied it."""
+        and the module the one at ``path`` was copied from, when this call copied it.
+
+        ``copied`` maps ``id(original) -> (original, shell)`` for the shells made (and reused: a module met again
+        gets the same shell, so a module at several paths stays one module). A copied module that may
+        be held elsewhere too is added to ``elsewhere``: one held by the clone's parent dict and by
+        its original's only has ``_REFS_AT_ONE_PATH`` references here; more may mean another path."""
         state = self._cow
         chain: list[nn.Module] = [self]
         origin = None
+        copied = {} if copied is None else copied
+        elsewhere = [] if elsewhere is None else elsewhere
         for depth, name in enumerate(names):
             children = chain[-1]._modules
             child = children.get(name)
@@ -254,15 +276,32 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
                     restore()
                 raise UnknownPathError(self._cow_unknown(path, names[:depth], name))
             if id(child) not in state.owned:
-                shell = shell_copy(child)
+                made = copied.get(id(child))
+                if made is None:
+                    if sys.getrefcount(child) > _REFS_AT_ONE_PATH and id(child) in _tied_in(state.base):
+                        elsewhere.append(child)
+                    made = copied[id(child)] = (child, shell_copy(child))
+                    state.adopt_shell(made[1], child)
+                shell = made[1]
                 undo.append(functools.partial(link, children, name, child, chain[-1]))
                 link(children, name, shell, chain[-1])
-                state.adopt_shell(shell, child)
                 origin, child = child, shell
             else:
                 origin = None
             chain.append(child)
         return chain, origin
+
+    def _cow_tie_other_paths(
+        self, copied: dict[int, tuple[nn.Module, nn.Module]], undo: list[Callable[[], None]]
+    ) -> None:
+        """Put the shells of ``copied`` at every other path the clone holds their originals at.
+
+        One module at several paths (T5's ``shared`` / ``encoder.embed_tokens``) stays one module,
+        patched wherever it is reached. Walks the clone's tree (as held): called only for a path that
+        copied a module that may be held elsewhere (``_cow_path_copy``).
+        """
+        for names in _paths_holding(self, set(copied)):
+            self._cow_path_copy(".".join(names), names, undo, copied)
 
     def _cow_unknown(self, path: str, found: list[str], missing: str) -> str:
         valid = [name for name, _ in self.named_modules() if name]
@@ -293,6 +332,15 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
         """Dotted paths of the modules this clone owns, root included as ""."""
         owned = self._cow.owned
         return [name for name, module in self.named_modules() if id(module) in owned]
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's own ``state_dict``, after taking the base's replacements of shared tensors."""
+        self._cow.follow()
+        return super().state_dict(*args, **kwargs)
+
+    def _named_members(self, *args: Any, **kwargs: Any) -> Any:
+        self._cow.follow()  # parameters(), buffers() and their named forms see what a call would run
+        return super()._named_members(*args, **kwargs)
 
     # -- memory --------------------------------------------------------------------------------
 
@@ -417,6 +465,52 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
         return self._cow_plain().__reduce_ex__(protocol)
 
 
+_REFS_AT_ONE_PATH = 4
+"""References to a module at one path of a base, when a clone path-copies it: the base parent's dict, the
+clone's parent's dict, ``_cow_path_copy``'s local and ``getrefcount``'s argument. Other clones sharing the
+module add theirs; ``_tied_in`` then tells."""
+_TIED: weakref.WeakKeyDictionary[nn.Module, frozenset[int]] = weakref.WeakKeyDictionary()
+
+
+def _tied_in(base: nn.Module) -> frozenset[int]:
+    """Ids of the modules ``base`` holds at several paths (as held now).
+
+    Kept per plain base (one walk for all its clones): ties the base makes after it was first asked
+    are not seen. A base that is itself a clone is walked every time (it changes with its patches).
+    """
+    found = _TIED.get(base) if not isinstance(base, LazyClonedModel) else None
+    if found is None:
+        seen: set[int] = set()
+        tied: set[int] = set()
+        for module in raw_modules(base):
+            for child in dict.values(module.__dict__["_modules"]):
+                if child is not None:
+                    (tied if id(child) in seen else seen).add(id(child))
+        found = frozenset(tied)
+        if not isinstance(base, LazyClonedModel):
+            _TIED[base] = found
+    return found
+
+
+def _paths_holding(root: nn.Module, targets: set[int]) -> list[list[str]]:
+    """The paths under ``root`` (as held, no stand-ins made) at which a module with an id in ``targets`` sits."""
+    found: list[list[str]] = []
+    seen = {id(root)}
+    stack: list[tuple[nn.Module, list[str]]] = [(root, [])]
+    while stack:
+        module, names = stack.pop()
+        for name, child in dict.items(module.__dict__["_modules"]):
+            if child is None:
+                continue
+            path = [*names, name]
+            if id(child) in targets:
+                found.append(path)
+            elif id(child) not in seen:
+                seen.add(id(child))
+                stack.append((child, path))
+    return found
+
+
 def _private_for_load(clone: LazyClonedModel, keys: set[str]) -> None:
     """Inside an open scope: a new private tensor wherever ``load_state_dict`` will copy into (its doc),
     put in every slot that holds the same tensor (ties stay tied)."""
@@ -464,37 +558,54 @@ def _make_clone(base: Any = None, *, check_writes: bool = False) -> LazyClonedMo
         model_class = type(base)
     else:
         raise TypeError(f"LazyClonedModel clones a torch.nn.Module; got {_describe(base)}")
+    if not isinstance(base, LazyClonedModel):
+        return _clone_of(base, model_class, check_writes, None)
+    parent = base._cow
+    with parent.lock:  # a scope of the parent's in another thread closes first
+        if parent.scopes:
+            raise SharedWeightsError(
+                "LazyClonedModel(clone) was called inside a patch function or scoped method of that clone; "
+                "make the child clone before or after it"
+            )
+        return _clone_of(base, model_class, check_writes, parent)
+
+
+def _clone_of(
+    base: nn.Module, model_class: type[nn.Module], check_writes: bool, parent: CloneState | None
+) -> LazyClonedModel:
     root = shell_copy(base, _clone_class(model_class))
     state = CloneState(root, base, check_writes)
     root.__dict__[STATE_ATTR] = state
     state.owned[id(root)] = root
-    if isinstance(base, LazyClonedModel):
-        origin = base._cow.origins.get(id(base))
+    if parent is not None:
+        origin = parent.origins.get(id(base))
         state.adopt_shell(root, origin.original if origin is not None else base)
-        _copy_parent_owned(root, base._cow, state)
+        _copy_parent_owned(root, parent, state)
     else:
         state.adopt_shell(root, base)
-    if base.training and _has_training_buffers(root):
-        root.train(True)
     return root  # type: ignore[return-value]
 
 
 def _copy_parent_owned(root: nn.Module, parent: CloneState, state: CloneState) -> None:
-    """Give a child clone its own copies of the modules and tensors its parent owns (O(parent's own))."""
+    """Give a child clone its own shells of the modules its parent owns, its own copies of the bytes the parent
+    made, and its own aliases of what the parent's aliases stand for (O(parent's own))."""
     stack = [root]
     shells: dict[int, nn.Module] = {}
     copies: dict[int, torch.Tensor] = {}
     while stack:
         module = stack.pop()
         for container, name, tensor in list(tensor_slots(module)):
-            if id(tensor) in parent.own_tensors or id(tensor) in parent.aliases:
+            record = parent.aliases.get(id(tensor))
+            if id(tensor) in parent.own_tensors or record is not None:
                 made = copies.get(id(tensor))
-                if made is None and tensor.requires_grad:  # trainable: the child trains its own copy
+                if made is None and record is None:  # bytes the parent made: the child's own copy
                     made = copies[id(tensor)] = _private_copy(tensor)
                     state.own_tensors[id(made)] = made
-                elif made is None:  # frozen: shared bytes, the child's own object
+                elif (
+                    made is None and record is not None
+                ):  # a stand-in for the base's: the child's own stand-in
                     made = copies[id(tensor)] = alias(tensor)
-                    state.freeze_alias(made)
+                    state.adopt_alias_of(made, record)
                 container[name] = made
         for name, child in list(module._modules.items()):
             if child is None or id(child) not in parent.owned:
@@ -508,10 +619,36 @@ def _copy_parent_owned(root: nn.Module, parent: CloneState, state: CloneState) -
             module._modules[name] = shell
 
 
-def _has_training_buffers(root: nn.Module) -> bool:
-    return any(
-        module.training and any(b is not None for b in module._buffers.values())
-        for module in all_modules(root)
+def _shares_training_buffers(clone: LazyClonedModel) -> bool:
+    """Whether a module of the clone (as held, no stand-ins made) is in training mode with a buffer it does not own.
+
+    Runs at every call: a walk without a visited set (0.15 us a module here); a module at several
+    paths is looked at once per path, and a tree with more visits than ``_FAST_WALK`` falls back to
+    a walk that visits each module once.
+    """
+    stack: list[Any] = [clone]
+    visits = 0
+    while stack:
+        module = stack.pop()
+        if module is None:
+            continue
+        visits += 1
+        if visits > _FAST_WALK:
+            return any(_training_with_shared_buffers(m, clone) for m in raw_modules(clone))
+        state = module.__dict__
+        if state.get("training") and state["_buffers"] and _training_with_shared_buffers(module, clone):
+            return True
+        stack.extend(dict.values(state["_modules"]))
+    return False
+
+
+_FAST_WALK = 200_000
+
+
+def _training_with_shared_buffers(module: nn.Module, clone: LazyClonedModel) -> bool:
+    own = clone._cow.own_tensors
+    return module.training and any(
+        t is not None and id(t) not in own for t in dict.values(module.__dict__["_buffers"])
     )
 
 
