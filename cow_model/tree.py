@@ -21,6 +21,7 @@ parametrization's ``set_`` change the alias only.
 
 from __future__ import annotations
 
+import copyreg
 import functools
 import logging
 import types
@@ -200,6 +201,41 @@ def _reaches_state(value: Any) -> bool:
     return not isinstance(value, _NOT_PLAIN) and not is_shared(value)
 
 
+_SIMPLE_CLASSES: dict[type, bool] = {}
+"""Classes whose instances ``copy.deepcopy`` copies as a new object with its ``__dict__`` copied."""
+
+
+def _simple_class(cls: type) -> bool:
+    simple = _SIMPLE_CLASSES.get(cls)
+    if simple is None:
+        simple = _SIMPLE_CLASSES[cls] = (
+            cls.__new__ is object.__new__
+            and cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__
+            and getattr(cls, "__getstate__", None) is getattr(object, "__getstate__", None)
+            and getattr(cls, "__deepcopy__", None) is None
+            and getattr(cls, "__setstate__", None) is None
+            and cls not in copyreg.dispatch_table
+            and not _slots(cls)
+            and not getattr(cls, "__cow_shared__", False)
+        )
+    return simple
+
+
+def _quick_copy(value: Any, memo: dict[int, Any]) -> Any:
+    """``cow_copy(value)`` for a plain object whose attributes are all numbers and strings; else ``None``."""
+    cls = type(value)
+    if not _simple_class(cls):
+        return None
+    attributes = getattr(value, "__dict__", None)
+    if attributes is None or any(type(v) not in _SCALARS for v in attributes.values()):
+        return None
+    copied = object.__new__(cls)
+    copied.__dict__.update(attributes)
+    memo[id(value)] = copied
+    return copied
+
+
 def private_plain_state(module: nn.Module, memo: dict[int, Any]) -> list[tuple[str, Any, Any]]:
     """Give ``module`` copies of the attributes a write could reach through; ``(name, copy, original)`` each.
 
@@ -216,7 +252,7 @@ def private_plain_state(module: nn.Module, memo: dict[int, Any]) -> list[tuple[s
         if name in _REBUILDERS or not _reaches_state(value):
             continue
         try:
-            copied = cow_copy(value, memo)
+            copied = memo.get(id(value)) or _quick_copy(value, memo) or cow_copy(value, memo)
         except Exception as error:
             logger.debug("%s.%s cannot be copied (%s); it stays shared", type(module).__name__, name, error)
             continue
