@@ -476,9 +476,10 @@ def _tied_in(base: nn.Module) -> frozenset[int]:
     """Ids of the modules ``base`` holds at several paths (as held now).
 
     Kept per plain base (one walk for all its clones): ties the base makes after it was first asked
-    are not seen. A base that is itself a clone is walked every time (it changes with its patches).
+    are not seen. A base that is itself a clone (it changes with its patches) or unhashable is walked every time.
     """
-    found = _TIED.get(base) if not isinstance(base, LazyClonedModel) else None
+    cacheable = not isinstance(base, LazyClonedModel) and type(base).__hash__ is not None
+    found = _TIED.get(base) if cacheable else None
     if found is None:
         seen: set[int] = set()
         tied: set[int] = set()
@@ -487,7 +488,7 @@ def _tied_in(base: nn.Module) -> frozenset[int]:
                 if child is not None:
                     (tied if id(child) in seen else seen).add(id(child))
         found = frozenset(tied)
-        if not isinstance(base, LazyClonedModel):
+        if cacheable:
             _TIED[base] = found
     return found
 
