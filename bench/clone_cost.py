@@ -7,8 +7,10 @@
    and Python bytes allocated per clone (``tracemalloc``), next to ``copy.deepcopy`` of the
    same model. The contract: flat in the model's size.
 2. Patching: an SDXL-architecture UNet (structure only, meta tensors): a clone plus 70 ``attn2``
-   patches running diffusers' ``set_processor``, against a bare path copy of the same 70 modules
-   and their ancestors running the same function, with no ownership bookkeeping at all.
+   patches running diffusers' ``set_processor``, against the floor: a minimal path copy of the
+   same 70 modules and their ancestors (per module a new object, its ``__dict__`` and its three
+   module dicts copied, nothing else; none of ``cow_model``) running the same function. The
+   limit is 4x the floor.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from torch import nn
 
 from bench.results import markdown_table, write_result
 from cow_model import LazyClonedModel
-from cow_model.tree import shell_copy
 from instantid.testing.shapes import UNET_CONFIGS
 
 SIZES = (100, 1_000, 10_000, 30_000)
@@ -69,9 +70,23 @@ def python_bytes(make: Callable[[], Any]) -> int:
     return held
 
 
+LIMIT = 4.0
+"""Most a clone plus its patches may cost, as a multiple of the minimal path copy."""
+
+
+def minimal_shell(module: nn.Module) -> nn.Module:
+    """A new object of ``module``'s class with its ``__dict__`` and its child, parameter and buffer dicts copied."""
+    shell: nn.Module = object.__new__(type(module))
+    state = module.__dict__.copy()
+    for kind in ("_modules", "_parameters", "_buffers"):
+        state[kind] = state[kind].copy()
+    object.__setattr__(shell, "__dict__", state)
+    return shell
+
+
 def bare_path_copy(unet: nn.Module, paths: list[str], patch: Callable[[nn.Module], None]) -> nn.Module:
-    """The floor: shell-copy the root, each path's modules once, and run ``patch``; nothing else."""
-    root = shell_copy(unet)
+    """The floor: a minimal shell of the root and of each path's modules once, then ``patch``; nothing else."""
+    root = minimal_shell(unet)
     copied: dict[str, nn.Module] = {}
     for path in paths:
         module, prefix = root, ""
@@ -79,7 +94,7 @@ def bare_path_copy(unet: nn.Module, paths: list[str], patch: Callable[[nn.Module
             prefix = f"{prefix}.{name}" if prefix else name
             child = copied.get(prefix)
             if child is None:
-                child = copied[prefix] = shell_copy(module._modules[name])  # type: ignore[arg-type]
+                child = copied[prefix] = minimal_shell(module._modules[name])  # type: ignore[arg-type]
                 module._modules[name] = child
             module = child
         patch(module)
@@ -139,15 +154,16 @@ def patching(repeats: int) -> dict[str, float]:
     print(
         f"\n2. SDXL-architecture UNet, {len(paths)} attn2 patches (set_processor), median of {len(rounds)} rounds"
     )
-    print(f"{'bare path copy, no bookkeeping':<40}{bare * 1e3:>9.2f} ms")
+    print(f"{'minimal path copy (the floor)':<40}{bare * 1e3:>9.2f} ms")
     print(f"{'LazyClonedModel + patch_block':<40}{cow * 1e3:>9.2f} ms")
-    print(f"{'ratio (median of paired rounds)':<40}{ratio:>9.2f}x   (limit 2x)")
+    print(f"{'ratio (median of paired rounds)':<40}{ratio:>9.2f}x   (limit {LIMIT:g}x)")
     return {
         "patches": len(paths),
         "rounds": len(rounds),
         "bare_seconds": bare,
         "clone_seconds": cow,
         "ratio": ratio,
+        "limit": LIMIT,
     }
 
 
@@ -165,9 +181,9 @@ def main(argv: list[str]) -> int:
         for r in construction
     ]  # fmt: skip
     text = markdown_table(headers, rows) + (
-        f"\n{patch['patches']} attn2 patches on an SDXL-architecture UNet: bare path copy "
+        f"\n{patch['patches']} attn2 patches on an SDXL-architecture UNet: minimal path copy (the floor) "
         f"{patch['bare_seconds'] * 1e3:.2f} ms, LazyClonedModel + patch_block {patch['clone_seconds'] * 1e3:.2f} ms "
-        f"(ratio {patch['ratio']:.2f}x, limit 2x)\n"
+        f"(ratio {patch['ratio']:.2f}x, limit {LIMIT:g}x)\n"
     )
     json_path, _ = write_result("clone_cost", {"construction": construction, "patching": patch}, text)
     print(f"wrote {json_path} (plot: python -m bench report)")

@@ -15,6 +15,7 @@ from .cache import PatchCache
 from .clone import LazyClonedModel, register_scoped_method
 from .errors import SharedWeightsError, UnknownPathError
 from .options import cow_copy, is_shared, register_shared
+from .stateless import _reparametrize_module as _reparametrize_module  # functional_call on clones' shells
 
 __all__ = [
     "LazyClonedModel",

@@ -8,13 +8,20 @@ Exact invalidation: a cached result is returned only when ``fn`` is the same obj
 argument matches the one it was computed from:
 
 - a tensor must be the *same* tensor object, still alive, with the same data pointer, shape,
-  stride, dtype and version counter. Inference tensors (made under ``torch.inference_mode()``,
-  as ComfyUI makes everything) carry no version counter: for those the cache keeps a copy when
-  they are small (``max_snapshot_numel`` elements) and compares contents; larger inference
-  tensors are compared by identity and data pointer only, which is documented as the one
-  blind spot (an in-place write inside inference mode to a large tensor). ``by_contents(t)``
-  keys a tensor by its exact contents instead (dtype, shape and bytes): an equal tensor made
-  anew hits;
+  stride, dtype and version counter, and the same bytes where it is looked at: a small tensor
+  (up to ``max_snapshot_numel`` elements) is kept as a copy and compared in full on every lookup;
+  a larger one has the bytes of 512 evenly spaced elements compared. That catches the writes the
+  version counter does not see (``p.data.copy_()``, as ComfyUI patches weights in place; writes
+  through ``t.numpy()``; writes through another tensor object on the same storage, made with
+  ``set_``) and in-place writes to inference tensors, which have no version counter: always for a
+  small tensor, for a large one whenever the write changes a sampled element (a whole new
+  weight, a LoRA merged in). The blind spot, documented: such a write to a large tensor that
+  leaves all 512 sampled elements as they were. ``by_contents(t)`` keys a tensor by its exact
+  contents instead (dtype, shape and bytes): an equal tensor made anew hits. A sparse (or other
+  non-strided) tensor raises ``TypeError`` before ``fn`` runs: pass ``t.to_dense()`` or
+  ``by_contents(t)``;
+- a bound method is keyed by its function and its object, each as below (``cache(obj.method, t)``
+  hits with a new bound method of the same object and never keeps ``obj`` alive);
 - an object that compares by identity (its class keeps ``object``'s ``__eq__`` and
   ``__hash__``: a model, a face-analysis app) is held by weak reference and matches only itself;
 - other arguments are compared by type and value (they must be hashable): ``2``, ``2.0`` and
@@ -47,6 +54,7 @@ import logging
 import sys
 import threading
 import time
+import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator
@@ -70,13 +78,41 @@ class _TensorGuard:
     layout: tuple[Any, ...]
     version: int | None
     contents: torch.Tensor | None
+    """All of a small tensor's bytes."""
+    sample: torch.Tensor | None
+    """The bytes of :data:`SAMPLED` evenly spaced elements of a large tensor."""
 
     def holds(self, tensor: torch.Tensor) -> bool:
         if self.ref() is not tensor or tensor.data_ptr() != self.data_ptr or _layout(tensor) != self.layout:
             return False
-        if self.version is not None:
-            return version_of(tensor) == self.version
-        return self.contents is None or torch.equal(self.contents, tensor)
+        if self.version is not None and version_of(tensor) != self.version:
+            return False
+        if self.contents is not None:
+            return torch.equal(self.contents, _as_bytes(tensor))
+        return self.sample is None or torch.equal(self.sample, _sampled_bytes(tensor))
+
+
+SAMPLED = 512
+"""Elements of a large tensor argument whose bytes are compared on every lookup (module doc)."""
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().reshape(-1).view(torch.uint8)
+
+
+def _sampled_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    count = tensor.numel()
+    positions = torch.linspace(0, count - 1, min(SAMPLED, count)).long()
+    return tensor.detach()[torch.unravel_index(positions, tensor.shape)].view(torch.uint8)
+
+
+def _snapshot(tensor: torch.Tensor, max_numel: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(contents, sample)`` to compare on a later lookup; ``(None, None)`` for tensors without plain bytes."""
+    if tensor.is_meta or tensor.is_quantized or tensor.numel() == 0:
+        return None, None
+    if tensor.numel() <= max_numel:
+        return _as_bytes(tensor).clone(), None
+    return None, _sampled_bytes(tensor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +142,8 @@ class by_contents:
 
     def key(self) -> Hashable:
         t = self.tensor.detach()
+        if t.layout != torch.strided:
+            t = t.to_dense()
         data = t.reshape(-1).contiguous().cpu()
         return (
             "contents",
@@ -284,12 +322,14 @@ class PatchCache:
         callback = _freed_callback(self._self_ref, key)
         if not isinstance(referent, torch.Tensor):
             return _ObjectGuard(weakref.ref(referent, callback))
-        version = version_of(referent)
-        contents = None
-        if version is None and referent.numel() <= self.max_snapshot_numel:
-            contents = referent.detach().clone()
+        contents, sample = _snapshot(referent, self.max_snapshot_numel)
         return _TensorGuard(
-            weakref.ref(referent, callback), referent.data_ptr(), _layout(referent), version, contents
+            weakref.ref(referent, callback),
+            referent.data_ptr(),
+            _layout(referent),
+            version_of(referent),
+            contents,
+            sample,
         )
 
     def _new_bytes(self, storages: dict[StorageKey, int]) -> int:
@@ -425,8 +465,15 @@ def _key(value: Any, referents: list[Any], where: str) -> Hashable:
     floats become their exact hexadecimal value (NaN one key).
     """
     if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided:
+            raise TypeError(
+                f"PatchCache cannot key {where}: a {str(value.layout).removeprefix('torch.')} tensor has no plain "
+                "bytes to guard; pass a dense tensor (t.to_dense()) or by_contents(t)"
+            )
         referents.append(value)
         return ("tensor", id(value))
+    if type(value) is types.MethodType:  # bound methods: the function and the object, each keyed as itself
+        return ("method", _key(value.__func__, referents, where), _key(value.__self__, referents, f"{where}.__self__"))
     if isinstance(value, by_contents):
         return value.key()
     cls = type(value)

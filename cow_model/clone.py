@@ -44,18 +44,33 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
-from collections.abc import Callable, Iterator, Mapping
+import sys
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.modules.module import _IncompatibleKeys
+from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
 from .errors import SharedWeightsError, UnknownPathError
 from .guard import WriteGuard
 from .scope import Scope, _private_copy
 from .state import CloneState
-from .tree import STATE_ATTR, alias, all_modules, link, shell_copy, storage_bytes, storage_id, tensor_slots
+from .tree import (
+    STATE_ATTR,
+    alias,
+    all_modules,
+    link,
+    raw_modules,
+    shell_copy,
+    storage_bytes,
+    storage_id,
+    tensor_slots,
+    tensors_held,
+)
 
 PatchFn = Callable[[nn.Module], "nn.Module | None"]
 
@@ -125,12 +140,42 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
         state = self._cow
         if not torch.compiler.is_compiling():
             state.follow()
+            if state.lazy is None or state.lazy:
+                self._cow_own_lazy_modules()
+            if _shares_training_buffers(self) and not state.in_scope_here():
+                self._cow_scoped("a training-mode forward", lambda: _private_training_buffers(self))
             if state.check_writes:
+                state.base_changed()  # what the base holds now is what the guard protects
                 with WriteGuard(
                     lambda: state.shared().protected, state.describe, "a forward through this clone"
                 ):
                     return super().__call__(*args, **kwargs)
         return super().__call__(*args, **kwargs)
+
+    def _cow_own_lazy_modules(self) -> None:
+        """Before the first forward: path-copy the base's uninitialized lazy modules (``nn.LazyLinear`` ...) with
+        new uninitialized tensors of the clone's own, so that the forward materialises them on the clone's shells."""
+        state = self._cow
+        with state.lock:
+            if state.lazy is None:
+                state.lazy = [
+                    name
+                    for name, module in self.named_modules()
+                    if name and isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()  # type: ignore[misc]
+                ]
+            for path in state.lazy:
+                shell = self._cow_path_copy(path, path.split("."), [])[0][-1]
+                for kind in ("_parameters", "_buffers"):
+                    held = shell.__dict__[kind]
+                    for name, tensor in list(held.items()):
+                        if isinstance(tensor, UninitializedTensorMixin):
+                            made = type(tensor)(
+                                requires_grad=tensor.requires_grad, device=tensor.device, dtype=tensor.dtype
+                            )
+                            made.__dict__.update(tensor.__dict__)
+                            held[name] = made
+                            state.own_tensors[id(made)] = made
+            state.lazy = []
 
     # -- structure -----------------------------------------------------------------------------
 
@@ -156,7 +201,11 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
         with state.lock:
             inside = self._cow_open_scope(f"patch_block({path!r})")
             undo: list[Callable[[], None]] = []
-            chain, origin = self._cow_path_copy(path, names, undo)
+            copied: dict[int, tuple[nn.Module, nn.Module]] = {}
+            elsewhere: list[nn.Module] = []
+            chain, origin = self._cow_path_copy(path, names, undo, copied, elsewhere)
+            if elsewhere and not inside:
+                self._cow_tie_other_paths(copied, undo)
             if inside:  # a scoped method patching: its open scope covers the tree and commits for us
                 return self._cow_install(path, names, chain, fn(chain[-1]), undo)
             scope = Scope(state, chain[-1], f"the patch function for {path!r}", undo, origin=origin)
@@ -200,13 +249,25 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
         )
 
     def _cow_path_copy(
-        self, path: str, names: list[str], undo: list[Callable[[], None]]
+        self,
+        path: str,
+        names: list[str],
+        undo: list[Callable[[], None]],
+        copied: dict[int, tuple[nn.Module, nn.Module]] | None = None,
+        elsewhere: list[nn.Module] | None = None,
     ) -> tuple[list[nn.Module], nn.Module | None]:
         """The modules from the root to ``path``, each owned by the clone (shell-copied where not yet),
-        and the module the one at ``path`` was copied from, when this call copied it."""
+        and the module the one at ``path`` was copied from, when this call copied it.
+
+        ``copied`` maps ``id(original) -> (original, shell)`` for the shells made (and reused: a module met again
+        gets the same shell, so a module at several paths stays one module). A copied module that may
+        be held elsewhere too is added to ``elsewhere``: one held by the clone's parent dict and by
+        its original's only has ``_REFS_AT_ONE_PATH`` references here; more may mean another path."""
         state = self._cow
         chain: list[nn.Module] = [self]
         origin = None
+        copied = {} if copied is None else copied
+        elsewhere = [] if elsewhere is None else elsewhere
         for depth, name in enumerate(names):
             children = chain[-1]._modules
             child = children.get(name)
@@ -215,15 +276,32 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
                     restore()
                 raise UnknownPathError(self._cow_unknown(path, names[:depth], name))
             if id(child) not in state.owned:
-                shell = shell_copy(child)
+                made = copied.get(id(child))
+                if made is None:
+                    if sys.getrefcount(child) > _REFS_AT_ONE_PATH and id(child) in _tied_in(state.base):
+                        elsewhere.append(child)
+                    made = copied[id(child)] = (child, shell_copy(child))
+                    state.adopt_shell(made[1], child)
+                shell = made[1]
                 undo.append(functools.partial(link, children, name, child, chain[-1]))
                 link(children, name, shell, chain[-1])
-                state.adopt_shell(shell, child)
                 origin, child = child, shell
             else:
                 origin = None
             chain.append(child)
         return chain, origin
+
+    def _cow_tie_other_paths(
+        self, copied: dict[int, tuple[nn.Module, nn.Module]], undo: list[Callable[[], None]]
+    ) -> None:
+        """Put the shells of ``copied`` at every other path the clone holds their originals at.
+
+        One module at several paths (T5's ``shared`` / ``encoder.embed_tokens``) stays one module,
+        patched wherever it is reached. Walks the clone's tree (as held): called only for a path that
+        copied a module that may be held elsewhere (``_cow_path_copy``).
+        """
+        for names in _paths_holding(self, set(copied)):
+            self._cow_path_copy(".".join(names), names, undo, copied)
 
     def _cow_unknown(self, path: str, found: list[str], missing: str) -> str:
         valid = [name for name, _ in self.named_modules() if name]
@@ -255,17 +333,36 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
         owned = self._cow.owned
         return [name for name, module in self.named_modules() if id(module) in owned]
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's own ``state_dict``, after taking the base's replacements of shared tensors."""
+        self._cow.follow()
+        return super().state_dict(*args, **kwargs)
+
+    def _named_members(self, *args: Any, **kwargs: Any) -> Any:
+        self._cow.follow()  # parameters(), buffers() and their named forms see what a call would run
+        return super()._named_members(*args, **kwargs)
+
     # -- memory --------------------------------------------------------------------------------
 
     def _cow_storages(self) -> tuple[dict[Any, int], dict[Any, int]]:
-        own = self._cow.own_tensors
-        private: dict[Any, int] = {}
-        for tensor in own.values():
-            key = storage_id(tensor)
-            if key is not None:
-                private[key] = tensor.untyped_storage().nbytes()
+        """``(private, shared)`` storages. Private: those of the clone's own parameters and buffers and of the
+        tensors its own modules hold elsewhere (K/V a patch stored as an attribute, a quantized module's
+        packed weights), less the base's. Shared: the rest of its parameters' and buffers'."""
+        state = self._cow
         everything = storage_bytes(self)
-        live = {key: size for key, size in private.items() if key in everything}
+        mine: dict[Any, int] = {}
+        for tensor in state.own_tensors.values():
+            key = storage_id(tensor)
+            if key in everything:
+                mine[key] = everything[key]
+        for module in all_modules(self):
+            if id(module) in state.owned:
+                for tensor in tensors_held(module):
+                    key = storage_id(tensor)
+                    if key is not None:
+                        mine[key] = tensor.untyped_storage().nbytes()
+        base = state.shared().storages if mine else set()
+        live = {key: size for key, size in mine.items() if key not in base}
         return live, {key: size for key, size in everything.items() if key not in live}
 
     @property
@@ -275,7 +372,8 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
 
     @property
     def private_bytes(self) -> int:
-        """Bytes of tensor storage that this clone created and holds."""
+        """Bytes of tensor storage that this clone created and holds: its own parameters and buffers, and
+        tensors its own modules keep in attributes or TorchScript objects (never the base's bytes)."""
         return sum(self._cow_storages()[0].values())
 
     # -- scoped torch methods ------------------------------------------------------------------
@@ -338,59 +436,25 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
     ) -> _IncompatibleKeys:
-        """Load tensors into new private tensors, in path-copied modules; the base keeps its values.
+        """torch's own ``load_state_dict`` on the clone's shells, into new private tensors; the base keeps its values.
 
-        Keys, shapes and ``strict`` behave as in ``torch.nn.Module.load_state_dict`` (the dtype
-        and device of the current tensor are kept; with ``assign=True`` the given tensors themselves are
-        installed, keeping the current ``requires_grad``, as torch does). A tensor held under several keys (tied
-        weights, a module at two paths) becomes one new tensor. Runs in a scope over the whole
-        tree (a shell per module, milliseconds), so ties and shared modules stay tied. Module-specific ``_load_from_state_dict``
-        overrides are not run. Raises ``RuntimeError`` listing every problem before anything changes.
+        Runs in a scope over the whole tree: every module's ``_load_from_state_dict`` and load hooks run as on
+        the model (pre-hooks that rename keys, BatchNorm's version-1 checkpoints, quantized modules' packed
+        weights), and keys, shapes, ``strict`` and errors are torch's. Before torch copies, each tensor it will
+        write gets a new private tensor (one per tied tensor, so ties stay tied); a module with its own loader
+        or load pre-hooks gets private copies of all its tensors, keys or not (BatchNorm's loader copies its
+        ``num_batches_tracked`` into itself when a checkpoint has no version). With ``assign=True`` torch
+        installs the given tensors (bytes shared with the base are copied first, as anything a scope installs).
+        On an error nothing changes: the scope rolls the clone back.
         """
-        found, unexpected, errors = {}, [], []
-        for key, value in state_dict.items():
-            held = self._cow_find(key)
-            if held is None:
-                unexpected.append(key)
-            elif tuple(value.shape) != tuple(held.shape):
-                errors.append(
-                    f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
-                    f"the shape in the current model is {tuple(held.shape)}"
-                )
-            else:
-                found[key] = held
-        missing = [key for key in _state_keys(self) if key not in state_dict]
-        if strict:
-            errors += [f'Unexpected key(s) in state_dict: "{key}"' for key in unexpected]
-            errors += [f'Missing key(s) in state_dict: "{key}"' for key in missing]
-        if errors:
-            raise RuntimeError(
-                f"Error(s) in loading state_dict for {type(self).__name__}:\n\t" + "\n\t".join(errors)
-            )
-        fresh: dict[int, torch.Tensor] = {}
-        for key, held in found.items():
-            if assign:
-                fresh[id(held)] = _as_held(state_dict[key], held)
-                continue
-            made = fresh.get(id(held))
-            if made is None:
-                made = fresh[id(held)] = _private_like(held)
-            with torch.no_grad():
-                made.copy_(state_dict[key])
-        self._cow_scoped("load_state_dict", lambda: _install(self, fresh))
-        return _IncompatibleKeys(missing, unexpected)
+        keys = set(state_dict)
 
-    def _cow_find(self, key: str) -> torch.Tensor | None:
-        module: nn.Module | None = self
-        path, _, name = key.rpartition(".")
-        for part in path.split(".") if path else []:
-            module = module._modules.get(part) if module is not None else None
-        if module is None:
-            return None
-        held: torch.Tensor | None = module._parameters.get(name)
-        if held is None and name not in module._non_persistent_buffers_set:
-            held = module._buffers.get(name)
-        return held
+        def load() -> _IncompatibleKeys:
+            if not assign:
+                _private_for_load(self, keys)
+            return super(LazyClonedModel, self).load_state_dict(state_dict, strict, assign)
+
+        return self._cow_scoped("load_state_dict", load)
 
     # -- identity and copies -------------------------------------------------------------------
 
@@ -419,25 +483,74 @@ def _unchanged(tensor: torch.Tensor, result: torch.Tensor) -> bool:
     return same_form and (result.data_ptr() == tensor.data_ptr() or torch.equal(result, tensor))
 
 
-def _install(clone: LazyClonedModel, fresh: dict[int, torch.Tensor]) -> None:
-    """Inside an open scope: put ``fresh[id(old)]`` wherever the clone's tree holds ``old``.
+_REFS_AT_ONE_PATH = 4
+"""References to a module at one path of a base, when a clone path-copies it: the base parent's dict, the
+clone's parent's dict, ``_cow_path_copy``'s local and ``getrefcount``'s argument. Other clones sharing the
+module add theirs; ``_tied_in`` then tells."""
+_TIED: weakref.WeakKeyDictionary[nn.Module, frozenset[int]] = weakref.WeakKeyDictionary()
 
-    Children are read through the scope (so the modules written are the clone's copies); tensors
-    are looked at as held, without making aliases of them.
+
+def _tied_in(base: nn.Module) -> frozenset[int]:
+    """Ids of the modules ``base`` holds at several paths (as held now).
+
+    Kept per plain base (one walk for all its clones): ties the base makes after it was first asked
+    are not seen. A base that is itself a clone (it changes with its patches) or unhashable is walked every time.
     """
-    for module in all_modules(clone):
-        for held in (module.__dict__["_parameters"], module.__dict__["_buffers"]):
-            for name, tensor in list(dict.items(held)):
-                made = fresh.get(id(tensor))
-                if made is not None:
-                    held[name] = made
+    cacheable = not isinstance(base, LazyClonedModel) and type(base).__hash__ is not None
+    found = _TIED.get(base) if cacheable else None
+    if found is None:
+        seen: set[int] = set()
+        tied: set[int] = set()
+        for module in raw_modules(base):
+            for child in dict.values(module.__dict__["_modules"]):
+                if child is not None:
+                    (tied if id(child) in seen else seen).add(id(child))
+        found = frozenset(tied)
+        if cacheable:
+            _TIED[base] = found
+    return found
 
 
-def _as_held(value: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
-    """``value`` itself, as a parameter when ``held`` is one (``load_state_dict(assign=True)``)."""
-    if isinstance(held, nn.Parameter) and not isinstance(value, nn.Parameter):
-        return nn.Parameter(value, requires_grad=held.requires_grad)
-    return value
+def _paths_holding(root: nn.Module, targets: set[int]) -> list[list[str]]:
+    """The paths under ``root`` (as held, no stand-ins made) at which a module with an id in ``targets`` sits."""
+    found: list[list[str]] = []
+    seen = {id(root)}
+    stack: list[tuple[nn.Module, list[str]]] = [(root, [])]
+    while stack:
+        module, names = stack.pop()
+        for name, child in dict.items(module.__dict__["_modules"]):
+            if child is None:
+                continue
+            path = [*names, name]
+            if id(child) in targets:
+                found.append(path)
+            elif id(child) not in seen:
+                seen.add(id(child))
+                stack.append((child, path))
+    return found
+
+
+def _private_for_load(clone: LazyClonedModel, keys: set[str]) -> None:
+    """Inside an open scope: a new private tensor wherever ``load_state_dict`` will copy into (its doc),
+    put in every slot that holds the same tensor (ties stay tied)."""
+    slots: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+    fresh: dict[int, torch.Tensor] = {}
+    for prefix, module in clone.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        own_loader = type(module)._load_from_state_dict is not nn.Module._load_from_state_dict or bool(
+            module._load_state_dict_pre_hooks
+        )
+        for held in (module._parameters, module._buffers):
+            for name, tensor in held.items():
+                if tensor is None or (held is module._buffers and name in module._non_persistent_buffers_set):
+                    continue
+                slots.append((held, name, tensor))
+                if (own_loader or dot + name in keys) and id(tensor) not in fresh:
+                    fresh[id(tensor)] = _private_copy(tensor) if own_loader else _private_like(tensor)
+    for held, name, tensor in slots:
+        made = fresh.get(id(tensor))
+        if made is not None:
+            held[name] = made
 
 
 def _private_like(tensor: torch.Tensor) -> torch.Tensor:
@@ -445,17 +558,6 @@ def _private_like(tensor: torch.Tensor) -> torch.Tensor:
     if isinstance(tensor, nn.Parameter):
         return torch.Tensor._make_subclass(type(tensor), made, tensor.requires_grad)
     return made
-
-
-def _state_keys(module: nn.Module) -> Iterator[str]:
-    for prefix, sub in module.named_modules(remove_duplicate=False):
-        dot = f"{prefix}." if prefix else ""
-        for name, tensor in sub._parameters.items():
-            if tensor is not None:
-                yield dot + name
-        for name, tensor in sub._buffers.items():
-            if tensor is not None and name not in sub._non_persistent_buffers_set:
-                yield dot + name
 
 
 def _private_training_buffers(clone: LazyClonedModel) -> None:
@@ -475,37 +577,54 @@ def _make_clone(base: Any = None, *, check_writes: bool = False) -> LazyClonedMo
         model_class = type(base)
     else:
         raise TypeError(f"LazyClonedModel clones a torch.nn.Module; got {_describe(base)}")
+    if not isinstance(base, LazyClonedModel):
+        return _clone_of(base, model_class, check_writes, None)
+    parent = base._cow
+    with parent.lock:  # a scope of the parent's in another thread closes first
+        if parent.scopes:
+            raise SharedWeightsError(
+                "LazyClonedModel(clone) was called inside a patch function or scoped method of that clone; "
+                "make the child clone before or after it"
+            )
+        return _clone_of(base, model_class, check_writes, parent)
+
+
+def _clone_of(
+    base: nn.Module, model_class: type[nn.Module], check_writes: bool, parent: CloneState | None
+) -> LazyClonedModel:
     root = shell_copy(base, _clone_class(model_class))
     state = CloneState(root, base, check_writes)
     root.__dict__[STATE_ATTR] = state
     state.owned[id(root)] = root
-    if isinstance(base, LazyClonedModel):
-        origin = base._cow.origins.get(id(base))
+    if parent is not None:
+        origin = parent.origins.get(id(base))
         state.adopt_shell(root, origin.original if origin is not None else base)
-        _copy_parent_owned(root, base._cow, state)
+        _copy_parent_owned(root, parent, state)
     else:
         state.adopt_shell(root, base)
-    if base.training and _has_training_buffers(root):
-        root.train(True)
     return root  # type: ignore[return-value]
 
 
 def _copy_parent_owned(root: nn.Module, parent: CloneState, state: CloneState) -> None:
-    """Give a child clone its own copies of the modules and tensors its parent owns (O(parent's own))."""
+    """Give a child clone its own shells of the modules its parent owns, its own copies of the bytes the parent
+    made, and its own aliases of what the parent's aliases stand for (O(parent's own))."""
     stack = [root]
     shells: dict[int, nn.Module] = {}
     copies: dict[int, torch.Tensor] = {}
     while stack:
         module = stack.pop()
         for container, name, tensor in list(tensor_slots(module)):
-            if id(tensor) in parent.own_tensors or id(tensor) in parent.aliases:
+            record = parent.aliases.get(id(tensor))
+            if id(tensor) in parent.own_tensors or record is not None:
                 made = copies.get(id(tensor))
-                if made is None and tensor.requires_grad:  # trainable: the child trains its own copy
+                if made is None and record is None:  # bytes the parent made: the child's own copy
                     made = copies[id(tensor)] = _private_copy(tensor)
                     state.own_tensors[id(made)] = made
-                elif made is None:  # frozen: shared bytes, the child's own object
+                elif (
+                    made is None and record is not None
+                ):  # a stand-in for the base's: the child's own stand-in
                     made = copies[id(tensor)] = alias(tensor)
-                    state.freeze_alias(made)
+                    state.adopt_alias_of(made, record)
                 container[name] = made
         for name, child in list(module._modules.items()):
             if child is None or id(child) not in parent.owned:
@@ -519,10 +638,36 @@ def _copy_parent_owned(root: nn.Module, parent: CloneState, state: CloneState) -
             module._modules[name] = shell
 
 
-def _has_training_buffers(root: nn.Module) -> bool:
-    return any(
-        module.training and any(b is not None for b in module._buffers.values())
-        for module in all_modules(root)
+def _shares_training_buffers(clone: LazyClonedModel) -> bool:
+    """Whether a module of the clone (as held, no stand-ins made) is in training mode with a buffer it does not own.
+
+    Runs at every call: a walk without a visited set (0.15 us a module here); a module at several
+    paths is looked at once per path, and a tree with more visits than ``_FAST_WALK`` falls back to
+    a walk that visits each module once.
+    """
+    stack: list[Any] = [clone]
+    visits = 0
+    while stack:
+        module = stack.pop()
+        if module is None:
+            continue
+        visits += 1
+        if visits > _FAST_WALK:
+            return any(_training_with_shared_buffers(m, clone) for m in raw_modules(clone))
+        state = module.__dict__
+        if state.get("training") and state["_buffers"] and _training_with_shared_buffers(module, clone):
+            return True
+        stack.extend(dict.values(state["_modules"]))
+    return False
+
+
+_FAST_WALK = 200_000
+
+
+def _training_with_shared_buffers(module: nn.Module, clone: LazyClonedModel) -> bool:
+    own = clone._cow.own_tensors
+    return module.training and any(
+        t is not None and id(t) not in own for t in dict.values(module.__dict__["_buffers"])
     )
 
 

@@ -24,6 +24,12 @@ An ``nn.Module`` processor becomes a child named ``processor`` of the attention 
 happens on the clone's private copy of the module only. The base model, and every pipeline
 holding it, keep their processors and module trees.
 
+diffusers' hook registry (``module._diffusers_hook``, which layerwise casting, group offloading and
+the caches install) points back at its module and wraps its ``forward``. Every shell of such a
+module gets its own registry (``cow_model.tree.register_shell_attribute``): the same hooks, copied,
+chained around the shell's own ``forward``, so a shell runs its own children and processors and a
+hook registered on the clone (``clone.enable_group_offload()``) lands on the clone's shells.
+
 Works with any model whose attention modules have diffusers' ``set_processor`` /
 ``get_processor`` methods (``UNet2DConditionModel``, ``ControlNetModel``, transformers ...);
 diffusers itself is not imported here.
@@ -31,14 +37,17 @@ diffusers itself is not imported here.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
+import types
 from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
 from .clone import LazyClonedModel, register_scoped_method
+from .tree import rebind, register_shell_attribute
 
 __all__ = [
     "attention_paths",
@@ -177,8 +186,93 @@ SCOPED_METHODS = (
     "reset_attention_backend",
     "enable_npu_flash_attention",
     "enable_xla_flash_attention",
+    "disable_xla_flash_attention",
+    "set_use_xla_flash_attention",
 )
 """Methods of diffusers models (and PEFT's mixins on them) that change the model in place."""
 
 for _name in SCOPED_METHODS:
     register_scoped_method(_name)
+
+_REGISTRY = "_diffusers_hook"
+
+
+def _rewrapped(wrapper: Any, reference: Any, shell: nn.Module, inner: Any) -> Any:
+    """diffusers' ``partial(new_forward, module)`` around a hook, rebuilt around ``reference`` for ``shell``."""
+    closure = wrapper.func
+    cells = tuple(
+        types.CellType(reference) if type(cell.cell_contents).__name__ == "HookFunctionReference" else cell
+        for cell in closure.__closure__ or ()
+    )
+    function = types.FunctionType(closure.__code__, closure.__globals__, closure.__name__, closure.__defaults__, cells)
+    return functools.update_wrapper(functools.partial(function, shell), inner)
+
+
+def _cast_for_forward(hook: Any, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """Layerwise casting's ``pre_forward`` on a shell: the forward sees its floating tensors converted to the
+    compute dtype, put in the shell's own dicts (diffusers' hook converts the tensor objects in place with
+    ``module.to()``, and on a shell those are shared with the base)."""
+    saved = hook.__dict__.setdefault("_cow_saved", {})
+    for kind in ("_parameters", "_buffers"):
+        held = module.__dict__[kind]
+        for name, tensor in list(held.items()):
+            if tensor is not None and tensor.is_floating_point() and tensor.dtype != hook.compute_dtype:
+                saved[(id(module), kind, name)] = tensor
+                converted = tensor.detach().to(hook.compute_dtype, non_blocking=hook.non_blocking)
+                if isinstance(tensor, nn.Parameter):
+                    converted = nn.Parameter(converted, requires_grad=tensor.requires_grad)
+                held[name] = converted
+    return args, kwargs
+
+
+def _uncast_after_forward(hook: Any, module: nn.Module, output: Any) -> Any:
+    """Layerwise casting's ``post_forward`` on a shell: the shell's own tensors back in its dicts."""
+    saved = hook.__dict__.get("_cow_saved", {})
+    for key in [key for key in saved if key[0] == id(module)]:
+        _, kind, name = key
+        module.__dict__[kind][name] = saved.pop(key)
+    return output
+
+
+def _rebuild_registry(registry: Any, original: nn.Module, shell: nn.Module) -> dict[str, Any]:
+    """A copy of diffusers' ``HookRegistry`` for ``shell``: its hooks copied and chained around the shell's forward.
+
+    Follows ``HookRegistry.register_hook`` without calling ``initialize_hook`` again (what it did to the
+    module, such as casting its weights, the shell shares already). A registry in a shape this does not
+    know is returned as a copy pointing at the shell, its hooks shared.
+    """
+    made = copy.copy(registry)
+    made._module_ref = shell
+    made._child_registries_cache = None
+    refs = list(getattr(registry, "_fn_refs", ()))
+    order = list(getattr(registry, "_hook_order", ()))
+    wrappers = [refs[i + 1].original_forward or refs[i + 1].forward for i in range(len(refs) - 1)]
+    wrappers.append(original.__dict__.get("forward"))
+    if not refs or len(order) != len(refs) or not all(
+        isinstance(w, functools.partial) and w.args[:1] == (original,) for w in wrappers
+    ):
+        made.hooks = dict(registry.hooks)
+        return {_REGISTRY: made}
+    forward = rebind(refs[0].original_forward or refs[0].forward, original, shell)
+    made.hooks, made._fn_refs, made._hook_order = {}, [], order
+    for name, ref, wrapper in zip(order, refs, wrappers, strict=True):
+        hook = copy.copy(registry.hooks[name])
+        mine = copy.copy(ref)
+        mine.pre_forward = rebind(ref.pre_forward, registry.hooks[name], hook)
+        mine.post_forward = rebind(ref.post_forward, registry.hooks[name], hook)
+        if type(hook).__name__ == "LayerwiseCastingHook" and mine.pre_forward.__func__ is type(hook).pre_forward:
+            mine.pre_forward = functools.partial(_cast_for_forward, hook)
+            mine.post_forward = functools.partial(_uncast_after_forward, hook)
+        if ref.original_forward is not None:
+            mine.original_forward = forward
+            mine.forward = functools.update_wrapper(functools.partial(hook.new_forward, shell), hook.new_forward)
+        else:
+            mine.forward = forward
+        hook.fn_ref = mine
+        made.hooks[name] = hook
+        made._fn_refs.append(mine)
+        forward = _rewrapped(wrapper, mine, shell, forward)
+    return {_REGISTRY: made, "forward": forward}
+
+
+register_shell_attribute(_REGISTRY, _rebuild_registry)

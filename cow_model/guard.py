@@ -12,6 +12,9 @@ What it cannot see: writes that do not go through aten operators (``tensor.numpy
 CPU tensors, C extensions writing raw pointers, ``tensor.data_ptr()`` handed to other libraries),
 and storage-level calls such as ``share_memory_()``.
 
+A scope also passes ``before_write(tensor, storage)``, called before every other write, so it
+can snapshot the clone's own bytes it is about to change (a rollback puts them back).
+
 The protected sets are computed lazily, on the first writing operator, so a guarded function
 that writes nothing pays only for entering and leaving the mode. Dispatch modes are per thread.
 """
@@ -66,16 +69,22 @@ class WriteGuard(TorchDispatchMode):
 
     ``protected()`` is called once, at the first writing operator, and returns the protected
     storages and tensor ids; ``describe(tensor)`` names a tensor for the message; ``what``
-    names the operation the guard runs for ("patch function for 'down.0'", "clone.apply()").
+    names the operation the guard runs for ("patch function for 'down.0'", "clone.apply()");
+    ``before_write(tensor, storage_id)``, when given, is called before each write that is let through.
     """
 
     def __init__(
-        self, protected: Callable[[], Protected], describe: Callable[[torch.Tensor], str], what: str
+        self,
+        protected: Callable[[], Protected],
+        describe: Callable[[torch.Tensor], str],
+        what: str,
+        before_write: Callable[[torch.Tensor, tuple[str, int] | None], None] | None = None,
     ) -> None:
         super().__init__()
         self._protected_fn = protected
         self._protected: Protected | None = None
         self._describe = describe
+        self._before_write = before_write
         self.what = what
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -91,11 +100,14 @@ class WriteGuard(TorchDispatchMode):
         if self._protected is None:
             self._protected = self._protected_fn()
         storages, objects = self._protected
+        key = storage_id(tensor)
         if func.overloadpacket in _REBINDING:
             if id(tensor) in objects:
                 self._refuse(func, tensor, "rebind")
-        elif storage_id(tensor) in storages:
+        elif key in storages:
             self._refuse(func, tensor, "write to")
+        if self._before_write is not None:
+            self._before_write(tensor, key)
 
     def _refuse(self, func: Any, tensor: torch.Tensor, action: str) -> None:
         raise SharedWeightsError(

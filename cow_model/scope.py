@@ -8,18 +8,32 @@ copy-on-access, the way persistent data structures open a transient for a batch 
    same way; a tensor the clone does not own becomes an alias (a new tensor object viewing the
    same bytes). One stand-in per object, so a module at several paths and tied tensors stay tied.
    Only what the block reaches is copied: its cost follows what it touches, not the tree.
+   Each covered module also gets copies of the attributes a write could reach through (nested
+   dicts and lists, plain objects such as attention processors: ``tree.private_plain_state``,
+   ``cow_copy`` semantics), since attribute reads cannot be intercepted.
 2. The block runs under a :class:`~cow_model.guard.WriteGuard` protecting the storages shared
    with the base and the base's own tensor objects.
 3. On success, stand-ins nothing changed are swapped back for the originals (the clone keeps
-   sharing them) and the rest become the clone's own. Tensors the block created are the clone's
+   sharing them) and the rest become the clone's own; so do copied plain attributes the block
+   left equal to the original (compared structurally, ``tree.unchanged``). Tensors the block created are the clone's
    too; one viewing shared bytes (``weight.data`` wrapped in a new parameter, as ``weight_norm``
    does) is copied first, so later writes to it cannot reach the base.
 4. On an exception, the clone's tree is put back as it was (the same container objects, so hook
-   handles keep working) and the exception propagates.
+   handles keep working), and so are the clone's own tensors the block reached or wrote: their
+   ``.data`` and ``requires_grad`` (saved when the block first read them) and their bytes (saved
+   by the guard before the first write to each of the clone's own storages). The exception propagates.
+
+Nothing of the machinery stays reachable from the tree or makes a cycle: on-access dicts copy,
+deep-copy and pickle as plain dicts of their stand-ins (``copy.deepcopy(module)``, fusion and PEFT's
+``modules_to_save`` work inside a scope), other threads read them as plain dicts (no stand-ins made
+for them), and closing a scope puts new plain dicts in place rather than rewriting the ones a
+concurrent reader may be iterating.
 """
 
 from __future__ import annotations
 
+import copy
+import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +41,17 @@ import torch
 from torch import nn
 
 from .guard import Protected, WriteGuard
-from .tree import PLAIN_CONTAINERS, alias, link, same_state, same_tensor_view, shell_copy, storage_id
+from .tree import (
+    PLAIN_CONTAINERS,
+    alias,
+    link,
+    private_plain_state,
+    same_state,
+    same_tensor_view,
+    shell_copy,
+    storage_id,
+    unchanged,
+)
 
 if TYPE_CHECKING:
     from .state import CloneState
@@ -49,7 +73,7 @@ class _OnAccess(dict[str, Any]):
 
     def _resolve(self, key: str) -> Any:
         value = dict.__getitem__(self, key)
-        if key not in self.resolved:
+        if key not in self.resolved and self.scope.thread == threading.get_ident():
             self.resolved.add(key)
             if value is not None:
                 value = self.scope.stand_in(value, self, key)
@@ -97,6 +121,15 @@ class _OnAccess(dict[str, Any]):
     def raw(self) -> dict[str, Any]:
         return dict(dict.items(self))
 
+    def __copy__(self) -> dict[str, Any]:
+        return self.copy()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        return copy.deepcopy(self.copy(), memo)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return (dict, (self.copy(),))
+
 
 class Scope:
     """A copy-on-access transaction over the subtree under ``root`` (module doc); ``root`` must be owned."""
@@ -119,6 +152,16 @@ class Scope:
         self.aliases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(source) -> (alias, source)
         self.covered: list[tuple[nn.Module, dict[str, dict[str, Any]]]] = []
         self.links: dict[int, list[tuple[nn.Module, str]]] = {}  # id(shell) -> (parent, name) it is read at
+        self.thread = threading.get_ident()
+        self.saved_tensors: dict[
+            int, tuple[torch.Tensor, torch.Tensor, bool]
+        ] = {}  # the clone's own, as read
+        self.saved_bytes: dict[
+            tuple[str, int], tuple[Any, Any]
+        ] = {}  # the clone's own storages, before a write
+        self._own_storages: set[tuple[str, int]] | None = None
+        self.plain: list[tuple[nn.Module, list[tuple[str, Any, Any]]]] = []  # copied plain attributes
+        self.memo: dict[int, Any] = {}  # one copy per plain object in the whole scope
         self._guard: WriteGuard | None = None
 
     # -- covering ------------------------------------------------------------------------------
@@ -126,12 +169,14 @@ class Scope:
     def __enter__(self) -> Scope:
         self.state.lock.acquire()
         self.state.scopes.append(self)
+        self.state.base_changed()  # what the base holds is read again for every scope
         try:
             self._cover(self.root, snapshot=self.origin is None)
-            self._guard = WriteGuard(self.protected, self.state.describe, self.what)
+            self._guard = WriteGuard(self.protected, self.state.describe, self.what, self._before_write)
             self._guard.__enter__()
         except BaseException:
             self._rollback()
+            self._guard = None
             self.state.scopes.pop()
             self.state.lock.release()
             raise
@@ -141,6 +186,9 @@ class Scope:
         """Give ``module`` on-access dicts, remembering its own dicts to put back."""
         if snapshot:
             self.undo.append(_restorer(module))
+        made = private_plain_state(module, self.memo)
+        if made:
+            self.plain.append((module, made))
         state = module.__dict__
         originals = {kind: state[kind] for kind in _KINDS}
         for kind, held in originals.items():
@@ -164,6 +212,8 @@ class Scope:
             self.links.setdefault(id(made[0]), []).append((where.owner, key))
             return made[0]
         if id(value) in state.own_tensors or id(value) in state.aliases:
+            if id(value) not in self.saved_tensors:
+                self.saved_tensors[id(value)] = (value, value.data, value.requires_grad)
             return value
         pair = self.aliases.get(id(value))
         if pair is None:
@@ -174,11 +224,22 @@ class Scope:
         """Storages and tensor objects the block must not write: the base's (``CloneState.shared``)."""
         return self.state.shared().protected
 
+    def _before_write(self, tensor: torch.Tensor, key: tuple[str, int] | None) -> None:
+        """Save the bytes of one of the clone's own storages before the block first writes it."""
+        if key is None or key in self.saved_bytes:
+            return
+        if self._own_storages is None:
+            self._own_storages = {storage_id(t) for t in self.state.own_tensors.values()} - {None}  # type: ignore[assignment]
+        if key in self._own_storages:  # type: ignore[operator]
+            storage = tensor.untyped_storage()
+            self.saved_bytes[key] = (storage, storage.clone())
+
     # -- closing -------------------------------------------------------------------------------
 
     def __exit__(self, kind: Any, error: Any, tb: Any) -> None:
         assert self._guard is not None
         self._guard.__exit__(kind, error, tb)
+        self._guard = None  # it refers back to the scope: no cycle outlives the block
         try:
             if error is None:
                 self._commit()
@@ -198,12 +259,7 @@ class Scope:
                     continue  # the block replaced the whole dict: keep what it put there
                 held = originals[kind]
                 items = current.raw()
-                if type(held) in PLAIN_CONTAINERS:
-                    held.clear()
-                    held.update(items)
-                    state[kind] = held
-                else:
-                    state[kind] = items
+                state[kind] = type(held)(items) if type(held) in PLAIN_CONTAINERS else items
 
     def _rollback(self) -> None:
         for module, originals in self.covered:
@@ -214,9 +270,25 @@ class Scope:
             undo()
         for shell, _ in self.shells.values():
             self.state.owned.pop(id(shell), None)
+        with torch.no_grad():
+            for storage, saved in self.saved_bytes.values():
+                storage.copy_(saved)
+            for tensor, data, requires_grad in self.saved_tensors.values():
+                tensor.data = data
+                if tensor.requires_grad != requires_grad:
+                    tensor.requires_grad_(requires_grad)
+
+    def _share_unchanged_plain_state(self) -> None:
+        """Plain attributes the block did not change go back to the objects the module shared."""
+        for module, made in self.plain:
+            held = module.__dict__
+            for name, copied, original in made:
+                if held.get(name) is copied and unchanged(copied, original):
+                    held[name] = original
 
     def _commit(self) -> None:
         state = self.state
+        self._share_unchanged_plain_state()
         resolved = [
             (module, kind, key)
             for module, _ in self.covered
@@ -273,6 +345,8 @@ class Scope:
         is copied first, so that training or converting it cannot write the base.
         """
         state = self.state
+        if id(tensor) in state.aliases and tensor.requires_grad:
+            state.privatise(tensor)  # an alias made trainable: training must not write the base
         if id(tensor) in state.own_tensors or id(tensor) in state.aliases:
             return
         shared = state.shared()

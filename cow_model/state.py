@@ -1,11 +1,15 @@
 """``CloneState``: what a clone owns, decided once by its own actions.
 
 A clone owns the modules it created (shell copies, modules a patch installed) and the tensors
-it created (loaded, converted or patched in). It also owns *aliases*: tensor objects of its own
-that view the base's bytes (made when a scoped method changed a shared tensor's
-``requires_grad`` or attributes). Everything else in its tree is shared with the base, and stays
-shared whatever the parent or the base does later: ownership never comes from comparing with a
-live tree.
+whose bytes it made (loaded, converted, copied or patched in). It also holds *aliases*: tensor
+objects of its own that view the base's bytes (made when a scoped method changed a shared tensor's
+``requires_grad`` or attributes). An alias is a stand-in, never owned: it records the base tensor
+it stands for and follows it (below), and it gets private bytes, in place (the same object, so an
+optimizer holding it keeps working), as soon as it is trainable, whoever flipped the flag: at the
+end of a scope, or at the clone's next call. A child clone copies the bytes its parent owns and
+records its own aliases of what its parent's aliases stand for. Everything else in its tree is
+shared with the base, and stays shared whatever the parent or the base does later: ownership
+never comes from comparing with a live tree.
 
 Following the base: a shell keeps the parameter and buffer objects it inherited. When the base
 replaces one (``base.double()`` converts buffers into new tensors; parameters into new ones on
@@ -58,7 +62,7 @@ class _AliasOf:
     """An alias the clone owns and the base tensor whose bytes it views (``None``: never follows)."""
 
     alias: weakref.ref[torch.Tensor]
-    source: torch.Tensor | None
+    source: torch.Tensor
     viewing: tuple[Any, ...]
     slot: tuple[nn.Module, str, str] | None = None
     """Where the base holds ``source`` (module, ``_parameters``/``_buffers``, name): a new object there is followed."""
@@ -82,6 +86,8 @@ class CloneState:
         self.scopes: list[Scope] = []
         self._shared: Shared | None = None
         self.lock = threading.RLock()
+        self.lazy: list[str] | None = None
+        """Paths of the base's lazy modules still uninitialized in the clone (``None``: not looked for yet)."""
 
     # -- ownership -----------------------------------------------------------------------------
 
@@ -98,7 +104,10 @@ class CloneState:
             self.origins[id(shell)] = _Origin(original, inherited)
 
     def adopt_tensor(
-        self, tensor: torch.Tensor, source: torch.Tensor | None, slot: tuple[nn.Module, str, str] | None = None
+        self,
+        tensor: torch.Tensor,
+        source: torch.Tensor | None,
+        slot: tuple[nn.Module, str, str] | None = None,
     ) -> None:
         """Record ``tensor`` as the clone's: an alias of ``source`` (held by the base at ``slot``) while it
         views its bytes, else private."""
@@ -107,9 +116,22 @@ class CloneState:
         else:
             self.own_tensors[id(tensor)] = tensor
 
-    def freeze_alias(self, tensor: torch.Tensor) -> None:
-        """Record ``tensor`` as an alias of bytes the clone shares but does not follow (a parent's own)."""
-        self.aliases[id(tensor)] = _AliasOf(weakref.ref(tensor), None, ())
+    def adopt_alias_of(self, tensor: torch.Tensor, record: _AliasOf) -> None:
+        """Record ``tensor`` as an alias standing for what another clone's alias ``record`` stands for."""
+        self.aliases[id(tensor)] = _AliasOf(weakref.ref(tensor), record.source, record.viewing, record.slot)
+
+    def privatise(self, tensor: torch.Tensor) -> None:
+        """Give the alias ``tensor`` private bytes in place (same object); it becomes the clone's own."""
+        self.aliases.pop(id(tensor), None)
+        with torch.no_grad():
+            tensor.data = tensor.detach().clone()
+        self.own_tensors[id(tensor)] = tensor
+        self.base_changed()
+
+    def in_scope_here(self) -> bool:
+        """Whether this thread has a scope of the clone open (its call runs inside a patch or method)."""
+        here = threading.get_ident()
+        return any(scope.thread == here for scope in self.scopes)
 
     def base_changed(self) -> None:
         self._shared = None
@@ -145,9 +167,10 @@ class CloneState:
             if alias is None:
                 del self.aliases[key]
                 continue
-            source = record.source
-            if source is None:
+            if alias.requires_grad:  # unfrozen outside any scope: it trains its own bytes
+                self.privatise(alias)
                 continue
+            source = record.source
             if record.slot is not None:
                 module, kind, name = record.slot
                 held = module.__dict__[kind].get(name)

@@ -1,9 +1,11 @@
 """Low-level helpers on ``torch.nn.Module`` trees: shell copies, aliases and tensor walks.
 
 A *shell copy* of a module is a new object of the same class whose attribute dict is a
-shallow copy of the original's, with every container in it (the parameter, buffer, child and
-hook dicts, sets and lists) copied one level deep. Tensors and child modules stay shared, so a
-shell costs a few dict copies and never a tensor copy; ``setattr``, ``register_*`` and child
+shallow copy of the original's, with every plain container in it (the parameter, buffer, child
+and hook dicts, and any attribute of exact type dict, OrderedDict, set or list) copied one level
+deep. Tensors, child modules and every other object stay shared (container subclasses such as
+diffusers' ``FrozenDict`` included: a scope copies what its block can write, ``cow_model.scope``),
+so a shell costs a few dict copies and never a tensor copy; ``setattr``, ``register_*`` and child
 replacement on the shell do not reach the original (``copy.copy`` would share those dicts).
 
 Callables bound to the original are rebound to the shell, so the shell runs its own state:
@@ -19,21 +21,53 @@ parametrization's ``set_`` change the alias only.
 
 from __future__ import annotations
 
-import copy
+import copyreg
 import functools
+import logging
 import types
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
+from torch.utils.hooks import RemovableHandle
+
+from .options import cow_copy, is_shared
+
+logger = logging.getLogger(__name__)
 
 _CONTAINERS = (dict, set, list)
 PLAIN_CONTAINERS = frozenset({dict, OrderedDict, set, list})  # their .copy() keeps the type
 STATE_ATTR = "_cow_state"
 """Attribute of a clone's root holding its bookkeeping; never copied into shells."""
 _COMPILED = "_compiled_call_impl"
+_TREE_DICTS = frozenset({"_parameters", "_buffers", "_modules"})
+"""Module dicts that hold tensors and modules only: copied without looking for bound callables."""
+_BINDABLE = frozenset({types.MethodType, functools.partial})
+_ATOMIC = frozenset({int, float, bool, str, type(None), tuple, frozenset, bytes, torch.dtype, torch.device})
+"""Attribute types a shell shares without looking at them (immutable)."""
+_SCALARS = _ATOMIC - {tuple, frozenset}
+"""Immutable types that hold nothing else."""
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {STATE_ATTR, _COMPILED, "forward"}
+"""Attributes every module has (torch's parameter, buffer, child and hook containers): never plain state."""
+_NOT_PLAIN = (nn.Module, torch.Tensor, type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType,
+              weakref.ref, torch._C.ScriptObject, RemovableHandle)  # fmt: skip
+ShellRebuilder = Callable[[Any, nn.Module, nn.Module], dict[str, Any]]
+_REBUILDERS: dict[str, ShellRebuilder] = {}
+
+
+def register_shell_attribute(name: str, rebuild: ShellRebuilder) -> None:
+    """Rebuild the attribute ``name`` for every shell copy of a module that has it.
+
+    ``rebuild(value, original, shell)`` returns the shell's new attribute values (``name``'s and any
+    other it must change, such as ``forward``). For registries that point back at their module
+    (diffusers' hook registry), which a shell must not share with the module it was copied from.
+    Such an attribute is the shell's own from then on, so scopes do not copy it again.
+    """
+    _REBUILDERS[name] = rebuild
 
 
 def rebind(value: Any, old: object, new: object) -> Any:
@@ -88,12 +122,13 @@ def is_rebinding(value: Any, original: Any, old: object, new: object) -> bool:
 
 
 def _copy_container(value: Any, old: nn.Module, new: nn.Module) -> Any:
-    copied = value.copy() if type(value) in PLAIN_CONTAINERS else copy.copy(value)
+    copied = value.copy()
     if isinstance(copied, dict):
         for key, item in copied.items():
-            bound = rebind(item, old, new)
-            if bound is not item:
-                copied[key] = bound
+            if type(item) in _BINDABLE:
+                bound = rebind(item, old, new)
+                if bound is not item:
+                    copied[key] = bound
     return copied
 
 
@@ -111,22 +146,203 @@ def shell_copy(module: nn.Module, cls: type | None = None) -> nn.Module:
 
     The shell is an instance of ``cls`` (default: ``module``'s own class). Callables bound to
     ``module`` are rebound to the shell (module doc). A clone's bookkeeping is not copied.
+    Cost: one dict copy per container attribute (a few microseconds for a diffusers ``Attention``).
     """
-    cls = cls or type(module)
-    shell: nn.Module = object.__new__(cls)
+    shell: nn.Module = object.__new__(cls or type(module))
     state = module.__dict__.copy()
     state.pop(STATE_ATTR, None)
-    for name, value in state.items():
-        if isinstance(value, _CONTAINERS):
-            state[name] = _copy_container(value, module, shell)
-        else:
+    for name in [name for name, value in state.items() if type(value) not in _ATOMIC]:
+        value = state[name]
+        kind = type(value)
+        if kind in PLAIN_CONTAINERS:
+            state[name] = (
+                value.copy() if not value or name in _TREE_DICTS else _copy_container(value, module, shell)
+            )
+        elif kind in _BINDABLE:
             bound = rebind(value, module, shell)
             if bound is not value:
                 state[name] = bound
+        elif kind is RemovableHandle:
+            state[name] = _rehandle(value, module.__dict__, state)
+    if _REBUILDERS and not _REBUILDERS.keys().isdisjoint(state):
+        for name, rebuild in _REBUILDERS.items():
+            if name in state:
+                state.update(rebuild(state[name], module, shell))
     object.__setattr__(shell, "__dict__", state)
     if state.get(_COMPILED) is not None:
         state[_COMPILED] = _recompiled(state[_COMPILED], shell)
     return shell
+
+
+def _rehandle(handle: RemovableHandle, old: dict[str, Any], new: dict[str, Any]) -> RemovableHandle:
+    """``handle`` for the shell: removing it removes the hook from the shell's hook dict, not the original's."""
+    mapped = {id(old[name]): new[name] for name in old if type(old[name]) in PLAIN_CONTAINERS}
+
+    def ref(held: Any) -> Any:
+        target = held() if callable(held) else None
+        copy_ = mapped.get(id(target)) if target is not None else None
+        return held if copy_ is None else weakref.ref(copy_)
+
+    made = RemovableHandle.__new__(RemovableHandle)
+    made.id = handle.id
+    made.hooks_dict_ref = ref(handle.hooks_dict_ref)
+    made.extra_dict_ref = tuple(ref(extra) for extra in handle.extra_dict_ref)
+    return made
+
+
+def _reaches_state(value: Any) -> bool:
+    """Whether a write through ``value`` (an attribute of a module) could change something mutable."""
+    kind = type(value)
+    if kind in _SCALARS or kind in _BINDABLE:
+        return False
+    if kind in PLAIN_CONTAINERS or kind is tuple or kind is frozenset:
+        items = value.values() if isinstance(value, dict) else value
+        return kind is not set and any(type(item) not in _SCALARS for item in items)
+    return not isinstance(value, _NOT_PLAIN) and not is_shared(value)
+
+
+_SIMPLE_CLASSES: dict[type, bool] = {}
+"""Classes whose instances ``copy.deepcopy`` copies as a new object with its ``__dict__`` copied."""
+
+
+def _simple_class(cls: type) -> bool:
+    simple = _SIMPLE_CLASSES.get(cls)
+    if simple is None:
+        simple = _SIMPLE_CLASSES[cls] = (
+            cls.__new__ is object.__new__
+            and cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__
+            and getattr(cls, "__getstate__", None) is getattr(object, "__getstate__", None)
+            and getattr(cls, "__deepcopy__", None) is None
+            and getattr(cls, "__setstate__", None) is None
+            and cls not in copyreg.dispatch_table
+            and not _slots(cls)
+            and not getattr(cls, "__cow_shared__", False)
+        )
+    return simple
+
+
+def _quick_copy(value: Any, memo: dict[int, Any]) -> Any:
+    """``cow_copy(value)`` for a plain object whose attributes are all numbers and strings; else ``None``."""
+    cls = type(value)
+    if not _simple_class(cls):
+        return None
+    attributes = getattr(value, "__dict__", None)
+    if attributes is None or any(type(v) not in _SCALARS for v in attributes.values()):
+        return None
+    copied = object.__new__(cls)
+    copied.__dict__.update(attributes)
+    memo[id(value)] = copied
+    return copied
+
+
+def private_plain_state(module: nn.Module, memo: dict[int, Any]) -> list[tuple[str, Any, Any]]:
+    """Give ``module`` copies of the attributes a write could reach through; ``(name, copy, original)`` each.
+
+    Dicts and lists holding more than numbers and strings, and plain objects (anything but modules,
+    tensors, functions, classes and what ``cow_copy`` shares) are copied with ``cow_copy``
+    (``copy.deepcopy``'s semantics, tensors and modules shared), one copy per object in ``memo``. An
+    object ``cow_copy`` cannot copy (it holds a lock, a file) stays shared. Attributes registered with
+    :func:`register_shell_attribute` are the module's own already.
+    """
+    state = module.__dict__
+    made = []
+    for name in [n for n, v in state.items() if type(v) not in _SCALARS and n not in _MODULE_INTERNALS]:
+        value = state[name]
+        if name in _REBUILDERS or not _reaches_state(value):
+            continue
+        try:
+            copied = memo.get(id(value)) or _quick_copy(value, memo) or cow_copy(value, memo)
+        except Exception as error:
+            logger.debug("%s.%s cannot be copied (%s); it stays shared", type(module).__name__, name, error)
+            continue
+        if copied is not value:
+            state[name] = copied
+            made.append((name, copied, value))
+    return made
+
+
+def unchanged(copied: Any, original: Any, seen: set[tuple[int, int]] | None = None) -> bool:
+    """Whether ``copied`` (a ``cow_copy`` of ``original``) still holds what ``original`` holds.
+
+    Compared structurally: containers item by item, objects by their ``__dict__`` and slots, what
+    ``cow_copy`` shared by identity, anything else by ``==``. Unsure answers are ``False``.
+    """
+    if copied is original:
+        return True
+    cls = type(original)
+    if type(copied) is not cls:
+        return False
+    seen = set() if seen is None else seen
+    pair = (id(copied), id(original))
+    if pair in seen:
+        return True
+    seen.add(pair)
+    if isinstance(original, dict):
+        if list(copied) != list(original) or not all(
+            unchanged(copied[k], v, seen) for k, v in original.items()
+        ):
+            return False
+    elif isinstance(original, (list, tuple)):
+        if len(copied) != len(original) or not all(
+            unchanged(a, b, seen) for a, b in zip(copied, original, strict=True)
+        ):
+            return False
+    elif isinstance(original, (set, frozenset)):
+        if copied != original:
+            return False
+    elif cls in _ATOMIC:
+        return bool(copied == original)
+    elif not (hasattr(original, "__dict__") or hasattr(cls, "__slots__")):
+        try:
+            return bool(copied == original)
+        except Exception:
+            return False
+    if hasattr(original, "__dict__") and not unchanged(vars(copied), vars(original), seen):
+        return False
+    for slot in _slots(cls):
+        if unchanged(getattr(copied, slot, _MISSING), getattr(original, slot, _MISSING), seen) is False:
+            return False
+    return True
+
+
+_MISSING = object()
+
+
+def _slots(cls: type) -> list[str]:
+    names: list[str] = []
+    for klass in cls.__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        names.extend(
+            [slots] if isinstance(slots, str) else [n for n in slots if n not in ("__dict__", "__weakref__")]
+        )
+    return names
+
+
+def tensors_held(module: nn.Module) -> Iterator[torch.Tensor]:
+    """Tensors ``module`` holds outside its parameters and buffers: in attributes, in the containers
+    and plain objects there (one level into an object's ``__dict__``), and inside TorchScript objects
+    (a quantized module's packed weights)."""
+    stack = [v for n, v in module.__dict__.items() if n not in _MODULE_INTERNALS and type(v) not in _SCALARS]
+    seen: set[int] = set()
+    while stack:
+        value = stack.pop()
+        if id(value) in seen or isinstance(value, nn.Module):
+            continue
+        seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend(value)
+        elif isinstance(value, torch._C.ScriptObject):
+            try:
+                stack.append(value.__getstate__())  # type: ignore[attr-defined]
+            except Exception:
+                continue
+        elif hasattr(value, "__dict__") and not isinstance(value, _NOT_PLAIN):
+            stack.extend(vars(value).values())
 
 
 def link(
@@ -259,7 +475,7 @@ def named_tensors(root: nn.Module) -> dict[int, str]:
 
 def storage_id(tensor: torch.Tensor) -> tuple[str, int] | None:
     """The storage ``tensor`` views, or ``None`` when it has no bytes (meta, empty)."""
-    if tensor.device.type == "meta":
+    if tensor.device.type == "meta" or isinstance(tensor, UninitializedTensorMixin):
         return None
     storage = tensor.untyped_storage()
     if storage.nbytes() == 0:
