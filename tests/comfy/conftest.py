@@ -11,7 +11,7 @@ Fixtures (stable names, used by the node-pack tests too):
   ``LoraLoaderModelOnly``.
 
 * ``caches``: fresh process-wide InstantID caches (``instantid.cache.configure(max_mb=64, max_entries=16)``).
-* ``face_app`` (session): insightface's ``FaceAnalysis`` on small random antelopev2-layout models.
+* ``face_app`` (module): insightface's ``FaceAnalysis`` on small random antelopev2-layout models.
 * ``comfy_install`` (session): a private ComfyUI base directory with this repository in its
   ``custom_nodes`` and the random-weight SD1.5 models, face models and images written
   (``instantid.testing.comfy_fixture.TestInstall``).
@@ -78,9 +78,10 @@ def _release_comfy_models() -> Iterator[None]:
         comfyui.release_models(comfyui.load_comfyui())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def face_app(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """insightface's FaceAnalysis on small random antelopev2-layout models (finds the test images' tagged faces)."""
+    """insightface's FaceAnalysis on small random antelopev2-layout models (finds the test images' tagged faces);
+    one per test module, as each module had before."""
     return small_face_analysis(tmp_path_factory.mktemp("insightface"))
 
 
