@@ -10,11 +10,18 @@ Fixtures (stable names, used by the node-pack tests too):
   temporary folder registered with ComfyUI's ``loras`` paths, returns the ``lora_name`` for
   ``LoraLoaderModelOnly``.
 
+* ``caches``: fresh process-wide InstantID caches (``instantid.cache.configure(max_mb=64, max_entries=16)``).
+* ``face_app`` (module): insightface's ``FaceAnalysis`` on small random antelopev2-layout models.
 * ``comfy_install`` (session): a private ComfyUI base directory with this repository in its
   ``custom_nodes`` and the random-weight SD1.5 models, face models and images written
   (``instantid.testing.comfy_fixture.TestInstall``).
 * ``comfy_server`` (session): a real ComfyUI server on that install (``instantid.testing.comfy_server``),
   stopped at the end of the session, also when tests fail.
+
+* ``clone_semantics`` (autouse): every test here that uses ComfyUI in-process (requests ``comfy``, not
+  the server) runs twice, ``[installed]`` with the installed ComfyUI's own ``clone()`` and ``[list-dict]``
+  with its copy of ``model_options`` switched to ``deepcopy_list_dict`` semantics (ComfyUI PR #12382,
+  ``instantid.testing.comfy_clone_semantics``); its value is the semantics' name.
 
 Plain helpers (import from ``instantid.testing.comfyui``): ``conditioning``, ``empty_latent``, ``ksample``, ``run_node``,
 ``tiny_model_patcher``, ``release_models``. After every test, the models ComfyUI holds as loaded are released.
@@ -29,15 +36,38 @@ from typing import Any
 
 import pytest
 
+from instantid import cache as instantid_cache
 from instantid.testing import comfyui
+from instantid.testing.comfy_clone_semantics import SEMANTICS
+from instantid.testing.comfy_clone_semantics import clone_semantics as switched_clone
 from instantid.testing.comfy_fixture import TestInstall, prepare_install
 from instantid.testing.comfy_server import ComfyServer
 from instantid.testing.comfy_server import comfy_server as running_server
+from tests.comfy.instantid_helpers import small_face_analysis
 
 
 @pytest.fixture(scope="session")
 def comfy() -> comfyui.ComfyUI:
     return comfyui.load_comfyui()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """In-process ComfyUI tests run under both clone semantics; server tests (another process) do not."""
+    names = metafunc.fixturenames
+    if "comfy" in names and "comfy_install" not in names:
+        metafunc.parametrize("clone_semantics", SEMANTICS, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def clone_semantics(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The clone semantics the test runs under (see the module doc); ``"installed"`` when not parametrised."""
+    semantics = getattr(request, "param", "installed")
+    if semantics == "installed":
+        yield semantics
+        return
+    comfy: comfyui.ComfyUI = request.getfixturevalue("comfy")
+    with switched_clone(comfy.ModelPatcher, semantics):
+        yield semantics
 
 
 @pytest.fixture(autouse=True)
@@ -46,6 +76,20 @@ def _release_comfy_models() -> Iterator[None]:
     yield
     if comfyui.load_comfyui.cache_info().currsize:
         comfyui.release_models(comfyui.load_comfyui())
+
+
+@pytest.fixture(scope="module")
+def face_app(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """insightface's FaceAnalysis on small random antelopev2-layout models (finds the test images' tagged faces);
+    one per test module, as each module had before."""
+    return small_face_analysis(tmp_path_factory.mktemp("insightface"))
+
+
+@pytest.fixture
+def caches() -> Iterator[instantid_cache.InstantIDCaches]:
+    """Fresh process-wide InstantID caches (64 MiB, 16 entries per layer) for the test; the defaults after it."""
+    yield instantid_cache.configure(max_mb=64, max_entries=16)
+    instantid_cache.configure()
 
 
 @pytest.fixture
