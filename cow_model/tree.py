@@ -298,8 +298,10 @@ def unchanged(copied: Any, original: Any, seen: set[tuple[int, int]] | None = No
             return bool(copied == original)
         except Exception:
             return False
-    if hasattr(original, "__dict__") and not unchanged(vars(copied), vars(original), seen):
-        return False
+    if hasattr(original, "__dict__"):  # attributes: their order is not state
+        mine, theirs = vars(copied), vars(original)
+        if mine.keys() != theirs.keys() or not all(unchanged(mine[k], v, seen) for k, v in theirs.items()):
+            return False
     for slot in _slots(cls):
         if unchanged(getattr(copied, slot, _MISSING), getattr(original, slot, _MISSING), seen) is False:
             return False

@@ -101,3 +101,11 @@ def test_xla_flash_attention_toggles_on_a_clone_leave_the_base_processors(unet: 
     assert_unchanged(unet, before)
     assert_same_hooks(unet, hooks)
     assert all(unet.attn_processors[k] is p for k, p in processors.items())
+
+
+def test_a_root_patch_that_changes_nothing_keeps_sharing_the_config(unet: torch.nn.Module) -> None:
+    internal, processors = unet._internal_dict, dict(unet.attn_processors)
+    clone = LazyClonedModel(unet)
+    clone.patch_block("", lambda root: None)  # the scope copies the FrozenDict config and the processors...
+    assert clone._internal_dict is internal  # ...and, unchanged, they go back to the base's objects
+    assert all(clone.attn_processors[k] is p for k, p in processors.items())
