@@ -141,13 +141,19 @@ def test_private_bytes_counts_tensors_a_patch_stores_on_its_copy() -> None:
     assert clone.private_bytes == (100 + 50 + 25) * 4  # the base's bytes are not the clone's
 
 
-def test_private_bytes_counts_a_quantized_clones_packed_weights() -> None:
+def quantized_clone() -> tuple[nn.Module, dict[str, Any], LazyClonedModel]:
+    """A small base, its state, and a clone whose Linear layers were dynamically quantized in a root patch."""
     base = small_model()
     before = state(base)
     clone = LazyClonedModel(base)
     clone.patch_block(
         "", lambda root: torch.ao.quantization.quantize_dynamic(root, {nn.Linear}, dtype=torch.qint8, inplace=True)
     )
+    return base, before, clone
+
+
+def test_private_bytes_counts_a_quantized_clones_packed_weights() -> None:
+    base, before, clone = quantized_clone()
     assert_same(before, base)
     packed_int8 = 4 * 8 + 8 * 8 + 8 * 2  # one byte per quantized weight
     assert clone.private_bytes >= packed_int8
@@ -206,12 +212,7 @@ def test_load_state_dict_reports_bad_keys_as_torch_and_leaves_the_clone() -> Non
 
 
 def test_a_quantized_clone_loads_its_own_state_dict() -> None:
-    base = small_model()
-    before = state(base)
-    clone = LazyClonedModel(base)
-    clone.patch_block(
-        "", lambda root: torch.ao.quantization.quantize_dynamic(root, {nn.Linear}, dtype=torch.qint8, inplace=True)
-    )
+    base, before, clone = quantized_clone()
     expected = clone(X)
     saved = clone.state_dict()
     clone.load_state_dict(saved)
