@@ -126,6 +126,16 @@ def test_a_base_holding_a_lazy_linear_is_materialised_on_the_clone_only() -> Non
     assert clone.private_bytes == (3 * 4 + 3) * 4
 
 
+def test_a_patch_reading_a_lazy_modules_parameters_before_the_first_forward() -> None:
+    base = nn.Sequential(nn.LazyLinear(3))
+    lazy_weight = base[0].weight
+    clone = LazyClonedModel(base)
+    clone.patch_block("0", lambda m: setattr(m, "trainable", m.weight.requires_grad))
+    assert clone[0].weight is lazy_weight and clone[0].trainable is True  # nothing changed: still shared
+    assert clone(X).shape == (5, 3)
+    assert type(base[0]) is nn.LazyLinear and base[0].weight is lazy_weight
+
+
 def test_private_bytes_counts_tensors_a_patch_stores_on_its_copy() -> None:
     base = small_model()
     clone = LazyClonedModel(base)
