@@ -389,12 +389,18 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
         return self
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LazyClonedModel:
-        """Apply a tensor conversion to the clone's own tensors; refuse to change shared ones."""
+        """Apply a tensor conversion to the clone's own tensors; refuse to change shared ones.
+
+        A conversion that changes nothing (same device, dtype, layout and values, e.g. accelerate's
+        ``to("cpu:0")`` on a CPU model, which copies) keeps the shared tensor.
+        """
         state = self._cow
 
         def convert(tensor: torch.Tensor) -> torch.Tensor:
             result = fn(tensor)
             if result is not tensor and id(tensor) not in state.own_tensors:
+                if _unchanged(tensor, result):  # e.g. to("cpu:0") on a CPU tensor: a copy of the same thing
+                    return tensor
                 raise SharedWeightsError(
                     f"this conversion would change {state.describe(tensor)}, a tensor the clone shares with its "
                     "base. Convert the base instead (its clones share its tensors and follow it), or convert "
@@ -461,6 +467,18 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
         return self._cow_plain().__reduce_ex__(protocol)
 
 
+def _unchanged(tensor: torch.Tensor, result: torch.Tensor) -> bool:
+    """Whether a conversion's ``result`` holds what ``tensor`` holds: device, dtype, layout and values."""
+    same_form = (
+        isinstance(result, torch.Tensor)
+        and result.device == tensor.device
+        and result.dtype == tensor.dtype
+        and result.shape == tensor.shape
+        and result.stride() == tensor.stride()
+    )
+    return same_form and (result.data_ptr() == tensor.data_ptr() or torch.equal(result, tensor))
+
+
 _REFS_AT_ONE_PATH = 4
 """References to a module at one path of a base, when a clone path-copies it: the base parent's dict, the
 clone's parent's dict, ``_cow_path_copy``'s local and ``getrefcount``'s argument. Other clones sharing the
@@ -472,9 +490,10 @@ def _tied_in(base: nn.Module) -> frozenset[int]:
     """Ids of the modules ``base`` holds at several paths (as held now).
 
     Kept per plain base (one walk for all its clones): ties the base makes after it was first asked
-    are not seen. A base that is itself a clone is walked every time (it changes with its patches).
+    are not seen. A base that is itself a clone (it changes with its patches) or unhashable is walked every time.
     """
-    found = _TIED.get(base) if not isinstance(base, LazyClonedModel) else None
+    cacheable = not isinstance(base, LazyClonedModel) and type(base).__hash__ is not None
+    found = _TIED.get(base) if cacheable else None
     if found is None:
         seen: set[int] = set()
         tied: set[int] = set()
@@ -483,7 +502,7 @@ def _tied_in(base: nn.Module) -> frozenset[int]:
                 if child is not None:
                     (tied if id(child) in seen else seen).add(id(child))
         found = frozenset(tied)
-        if not isinstance(base, LazyClonedModel):
+        if cacheable:
             _TIED[base] = found
     return found
 

@@ -27,7 +27,7 @@ from typing_extensions import Unpack
 
 from cow_model import LazyClonedModel
 from cow_model.diffusers import attention_paths
-from instantid.diffusers.identity import FaceInput, IdentityOptions
+from instantid.diffusers.identity import FaceInput, IdentityOptions, check_adapter
 from instantid.diffusers.pipeline import face_tokens_controlnet, prepare_for
 from instantid.diffusers.processor import IdentityAttnProcessor
 from instantid.weights import InstantIDWeights
@@ -101,6 +101,7 @@ def instantid_hooks(
     active block already, and what ``apply_instantid`` raises for bad input (before anything
     is installed).
     """
+    check_adapter(adapter)
     is_pipeline = isinstance(pipe_or_unet, DiffusionPipeline)
     unet: Any = pipe_or_unet.unet if is_pipeline else pipe_or_unet
     if isinstance(unet, LazyClonedModel):
@@ -133,7 +134,7 @@ def instantid_hooks(
                 time_proj: Any = unet.time_proj
                 restores.callback(time_proj.register_forward_pre_hook(identity.gate.record).remove)
             if is_pipeline and identitynet and getattr(pipe_or_unet, "controlnet", None) is not None:
-                proxy = face_tokens_controlnet(pipe_or_unet, identity, layout_of=pipe_or_unet)
+                proxy = face_tokens_controlnet(pipe_or_unet.controlnet, identity, layout_of=pipe_or_unet)
                 restores.callback(_swap_pipeline_attribute(pipe_or_unet, "controlnet", proxy))
         except BaseException:
             restores.close()

@@ -15,6 +15,7 @@ Adapter layers are matched to the UNet's cross-attention modules in ``attn_proce
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypedDict
@@ -34,6 +35,7 @@ from instantid.weights import FACE_EMBEDDING_DIM, InstantIDWeights
 __all__ = [
     "DiffusersIdentity",
     "FaceInput",
+    "check_adapter",
     "face_embedding",
     "payload_bytes",
     "prepare_identity",
@@ -78,6 +80,21 @@ def payload_bytes(processors: Iterable[Any]) -> int:
     return sum(storages.values())
 
 
+def check_adapter(adapter: Any) -> None:
+    """Raise ``TypeError`` unless ``adapter`` is loaded ``InstantIDWeights`` (a path or ``None`` is named)."""
+    if isinstance(adapter, InstantIDWeights):
+        return
+    if isinstance(adapter, (str, os.PathLike)):
+        raise TypeError(
+            f"adapter must be loaded InstantID weights, got the path {os.fspath(adapter)!r}: pass "
+            "instantid.load_instantid(path) (an ip-adapter.bin or .safetensors file)"
+        )
+    raise TypeError(
+        f"adapter must be InstantID weights from instantid.load_instantid(path), got {type(adapter).__name__}"
+        + (" (None)" if adapter is None else "")
+    )
+
+
 def _is_image(item: Any) -> bool:
     if isinstance(item, np.ndarray):
         return item.dtype == np.uint8
@@ -108,6 +125,7 @@ def face_embedding(
         batch = face if isinstance(face, np.ndarray) else images  # an array may hold a batch: N x H x W x 3
         return face_embeddings(analyze_faces(face_analysis, batch, analyze=caches().analyze_face), combine)
     if isinstance(face, (Tensor, np.ndarray)):
+        _check_embedding_kind(face)
         embeds = torch.as_tensor(face).detach().to(dtype=torch.float32)
         if embeds.shape[-1:] != (FACE_EMBEDDING_DIM,) or embeds.ndim > 3:
             raise ValueError(
@@ -119,6 +137,23 @@ def face_embedding(
         f"cannot read a face from a {type(face).__name__}; expected a 512-d embedding (tensor or float array), "
         "instantid.face.FaceResult(s), or image(s) (PIL or HxWx3 uint8 RGB) with face_analysis"
     )
+
+
+def _check_embedding_kind(face: Tensor | np.ndarray) -> None:
+    """Refuse integer / bool arrays (not embeddings) and float images (``H x W x 3`` with values in 0..1)."""
+    dtype = face.dtype
+    floating = dtype.is_floating_point if isinstance(dtype, torch.dtype) else np.issubdtype(dtype, np.floating)
+    if not floating:
+        raise TypeError(
+            f"face: a {type(face).__name__} of {dtype} is neither an image (HxWx3 uint8 RGB) nor a face embedding "
+            f"(float [{FACE_EMBEDDING_DIM}], [B, {FACE_EMBEDDING_DIM}] or [B, N, {FACE_EMBEDDING_DIM}])"
+        )
+    if face.ndim in (3, 4) and face.shape[-1] in (3, 4) and face.shape[-1] != FACE_EMBEDDING_DIM:
+        raise TypeError(
+            f"face: a float array of shape {list(face.shape)} looks like an image (values 0..1?); give images as "
+            "HxWx3 uint8 RGB arrays or PIL images with face_analysis=, or a float face embedding "
+            f"[{FACE_EMBEDDING_DIM}] / [B, {FACE_EMBEDDING_DIM}]"
+        )
 
 
 def unet_cross_attention(unet: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -6,28 +6,30 @@ What is shared and what is copied:
   processors on its cross-attention modules (and, for a start/end window, a step-recording
   hook on a private copy of ``time_proj``). Every weight is shared; the clone owns only the
   path-copied module shells and the identity's keys/values. The base UNet is never mutated.
-- The pipeline view: a shallow copy of the pipeline object (``copy.copy``: its own attribute
-  dict, every component shared) whose ``unet`` is the clone, whose ``scheduler`` is a new
-  instance made from the same config (schedulers hold per-generation state: timesteps, step
-  index), whose ``controlnet`` hands the face tokens to the ControlNet, and whose config dict
-  is its own (diffusers' ``DiffusionPipeline.__setattr__`` re-registers a component in the
-  config by replacing the config dict, never by editing it). Text encoders, tokenizers, VAE,
-  ControlNet weights and image processors are the base pipeline's own objects.
+  Its identity layers keep the identity when diffusers replaces their processors
+  (:mod:`instantid.diffusers.compose`); its ``state_dict()`` (and so ``save_pretrained``) warns
+  :class:`~instantid.diffusers.view.IdentityNotSavedWarning`.
+- The pipeline view (:mod:`instantid.diffusers.view`): an instance of the pipeline's class with
+  its own attribute dict, copy-on-write clones of the other model components, copies of the
+  tokenizers, a new scheduler instance of the same config, and a ``controlnet`` that hands the
+  face tokens to the ControlNet.
 - IdentityNet: InstantID's ControlNet takes the face tokens as its ``encoder_hidden_states``
   where a stock ControlNet pipeline passes the text; :class:`FaceTokensControlNet` is a
-  transparent proxy of the pipeline's ControlNet (``isinstance`` checks pass) that swaps them
-  in, in the pipeline's batch layout (unconditional tokens for the negative half).
+  transparent proxy of the ControlNet (``isinstance`` checks pass) that swaps them in, in the
+  pipeline's batch layout (unconditional tokens for the negative half).
 
 A view runs one generation at a time (as any diffusers pipeline: its scheduler is stateful);
 views of several identities run concurrently, each from its own thread. Moving a view to
-another device or dtype moves the shared components, as it would the base pipeline's: move the
-base pipeline first, then apply. diffusers' own VAE upcast (``force_upcast`` with an fp16 VAE)
-converts the shared VAE in place, as the base pipeline does.
+another device or dtype would move the weights it shares: move the base pipeline first, then
+apply (or use the view's ``enable_model_cpu_offload``). diffusers' own VAE upcast
+(``force_upcast`` with an fp16 VAE) is refused on a view's VAE clone for the same reason: use
+an fp32 VAE or upcast the base's.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import torch
@@ -37,9 +39,23 @@ from torch import Tensor, nn
 from typing_extensions import Unpack
 
 from cow_model import LazyClonedModel
-from cow_model.diffusers import clone_with_attn_processor
-from instantid.diffusers.identity import DiffusersIdentity, FaceInput, IdentityOptions, prepare_identity
+from cow_model.diffusers import attention_paths
+from instantid.diffusers.compose import install_identity
+from instantid.diffusers.identity import (
+    DiffusersIdentity,
+    FaceInput,
+    IdentityOptions,
+    check_adapter,
+    prepare_identity,
+)
 from instantid.diffusers.processor import BatchLayout, TimestepGate, fixed_layout, pipeline_layout
+from instantid.diffusers.view import (
+    ViewIdentity,
+    copy_attributes,
+    own_components,
+    view_class,
+    warn_identity_not_saved,
+)
 from instantid.weights import InstantIDWeights
 
 __all__ = ["FaceTokensControlNet", "apply_instantid", "identity_unet"]
@@ -60,8 +76,15 @@ class FaceTokensControlNet(wrapt.CallableObjectProxy):
         self, controlnet: nn.Module, cond_tokens: Tensor, uncond_tokens: Tensor, layout: BatchLayout
     ) -> None:
         super().__init__(controlnet)
+        self._self_args = (cond_tokens, uncond_tokens, layout)
         self._self_tokens = (cond_tokens.flatten(0, 1).unsqueeze(0), uncond_tokens.flatten(0, 1).unsqueeze(0))
         self._self_layout = layout
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return (FaceTokensControlNet, (self.__wrapped__, *self._self_args))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FaceTokensControlNet:
+        return FaceTokensControlNet(*copy.deepcopy((self.__wrapped__, *self._self_args), memo))
 
     def _self_face_context(self, text: Tensor, guess_mode: bool) -> Tensor:
         codes = (0,) if guess_mode else tuple(self._self_layout())
@@ -95,23 +118,75 @@ def _add_gate(time_proj: nn.Module, gate: TimestepGate) -> None:
     time_proj.register_forward_pre_hook(gate.record)
 
 
+def _warn_on_save(root: nn.Module) -> None:
+    root._register_state_dict_hook(warn_identity_not_saved)
+
+
+class BaseTreeCheck:
+    """Forward pre-hook of an InstantID clone: refuse to run once the base replaced a child of a module the clone copied.
+
+    The clone's copies of the identity layers (and their ancestors) hold their own child dicts:
+    a module the base puts in their place later (e.g. PEFT's LoRA layers on ``attn2.to_q``,
+    loaded into the base after the view was made) would reach the clone only partly. Checked
+    per call in eager mode (a dict comparison per copied module); skipped under ``torch.compile``.
+    Copies and pickles of the clone carry no check (they are plain models).
+    """
+
+    def __init__(self, base: nn.Module, paths: list[str]) -> None:
+        modules = dict(base.named_modules())
+        self._children = [(path, modules[path], dict(modules[path]._modules)) for path in paths]
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        for path, original, children in self._children:
+            if original._modules != children:
+                changed = sorted(k for k in {*children, *original._modules} if children.get(k) is not original._modules.get(k))
+                raise RuntimeError(
+                    f"the base UNet's module {path or '(root)'} changed its children {changed[:5]} after this InstantID "
+                    "clone was made (e.g. a LoRA loaded into the base): the clone would follow it only partly. Make the "
+                    "change before apply_instantid (apply again now), or load the LoRA through the view"
+                )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_no_check, ())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return _no_check()
+
+
+def _no_check() -> Any:
+    return _skip
+
+
+def _skip(module: nn.Module, args: Any) -> None:
+    return None
+
+
 def identity_unet(unet: nn.Module, identity: DiffusersIdentity) -> LazyClonedModel:
     """A copy-on-write clone of ``unet`` carrying ``identity``'s processors (and gate hook); ``unet`` is untouched."""
-    clone = clone_with_attn_processor(unet, identity.processors)
+    clone = LazyClonedModel(unet)
+    paths = attention_paths(clone)
+    for key, processor in identity.processors.items():
+        clone.patch_block(paths[key], functools.partial(install_identity, processor=processor))
     gate = identity.gate
     if gate is not None:
-        clone.patch_block("time_proj", lambda module: _add_gate(module, gate))
+        clone.patch_block("time_proj", functools.partial(_add_gate, gate=gate))
+    clone.patch_block("", _warn_on_save)
+    check = BaseTreeCheck(clone.base, clone.private_paths)
+    clone.patch_block("", lambda root: root.register_forward_pre_hook(check) and None)
     return clone
 
 
 def _pipeline_view(pipe: Any) -> Any:
-    """A shallow copy of ``pipe`` with its own attribute dict, progress-bar settings and scheduler instance."""
+    """A view of ``pipe`` (module doc of :mod:`instantid.diffusers.view`), without its UNet and identity yet."""
     view = copy.copy(pipe)
-    if isinstance(getattr(pipe, "_progress_bar_config", None), dict):
-        view._progress_bar_config = dict(pipe._progress_bar_config)
+    view.__class__ = view_class(type(pipe))
+    copy_attributes(view)
+    own_components(view, pipe, skip=("unet", "scheduler"))
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is not None:
-        view.scheduler = type(scheduler).from_config(scheduler.config)
+        view.__dict__["scheduler"] = type(scheduler).from_config(scheduler.config)
     return view
 
 
@@ -154,10 +229,10 @@ def prepare_for(
     )
 
 
-def face_tokens_controlnet(pipe: Any, identity: DiffusersIdentity, *, layout_of: Any) -> FaceTokensControlNet:
-    """``pipe``'s ControlNet fed ``identity``'s face tokens, in the batch layout of ``layout_of``."""
+def face_tokens_controlnet(controlnet: Any, identity: DiffusersIdentity, *, layout_of: Any) -> FaceTokensControlNet:
+    """``controlnet`` fed ``identity``'s face tokens, in the batch layout of ``layout_of`` (a pipeline)."""
     return FaceTokensControlNet(
-        plain_controlnet(pipe.controlnet),
+        plain_controlnet(controlnet),
         identity.cond_tokens,
         identity.uncond_tokens,
         pipeline_layout(layout_of),
@@ -199,6 +274,7 @@ def apply_instantid(
     wrong size, and bad weights or windows; ``TypeError`` for an argument that is neither a
     pipeline nor a UNet.
     """
+    check_adapter(adapter)
     if isinstance(pipe_or_unet, DiffusionPipeline):
         pipe: Any = pipe_or_unet
         if getattr(pipe, "unet", None) is None:
@@ -208,8 +284,9 @@ def apply_instantid(
         view = _pipeline_view(pipe)
         identity = prepare_for(pipe, adapter, face, layout_of=view, options=options)
         view.unet = identity_unet(pipe.unet, identity)
-        if identitynet and getattr(pipe, "controlnet", None) is not None:
-            view.controlnet = face_tokens_controlnet(pipe, identity, layout_of=view)
+        view.__dict__["_instantid"] = ViewIdentity(adapter, dict(options), identitynet, identity)
+        if identitynet and getattr(view, "controlnet", None) is not None:
+            view.controlnet = face_tokens_controlnet(view.controlnet, identity, layout_of=view)
         return view
     if isinstance(pipe_or_unet, nn.Module):
         identity = prepare_for(

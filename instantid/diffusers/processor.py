@@ -28,6 +28,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -35,8 +36,10 @@ from instantid.attention import EMBEDS_SCALINGS, IdentityKV, identity_attention
 
 __all__ = [
     "BatchLayout",
+    "FixedLayout",
     "IdentityAttnProcessor",
     "OwnerThreadError",
+    "PipelineLayout",
     "TimestepGate",
     "fixed_layout",
     "pipeline_layout",
@@ -46,22 +49,37 @@ BatchLayout = Callable[[], Sequence[int]]
 """Returns the ``cond_or_uncond`` codes of the batch being run (1 = unconditional chunk)."""
 
 
+class FixedLayout:
+    """A :data:`BatchLayout` that is always the same (picklable, unlike a lambda)."""
+
+    def __init__(self, codes: Sequence[int]) -> None:
+        self.codes = tuple(codes)
+
+    def __call__(self) -> Sequence[int]:
+        return self.codes
+
+    def __repr__(self) -> str:
+        return f"FixedLayout({list(self.codes)})"
+
+
 def fixed_layout(cfg: bool) -> BatchLayout:
     """``[1, 0]`` (diffusers' classifier-free guidance batch: negative half first) when ``cfg``, else ``[0]``."""
-    codes = (1, 0) if cfg else (0,)
-    return lambda: codes
+    return FixedLayout((1, 0) if cfg else (0,))
 
 
-def pipeline_layout(pipe: Any) -> BatchLayout:
+class PipelineLayout:
     """The layout of the batch ``pipe`` is running: ``[1, 0]`` while ``pipe.do_classifier_free_guidance``.
 
     Holds ``pipe`` weakly. Asked outside the pipeline's ``__call__`` (the UNet called directly)
-    or after the pipeline is gone, it raises ``RuntimeError`` saying so.
+    or after the pipeline is gone, it raises ``RuntimeError`` saying so. Pickled with its
+    pipeline; deep-copied along with a pipeline it follows the copy (``copy.deepcopy`` memo).
     """
-    ref = weakref.ref(pipe)
 
-    def layout() -> Sequence[int]:
-        owner = ref()
+    def __init__(self, pipe: Any) -> None:
+        self._ref = weakref.ref(pipe)
+
+    def __call__(self) -> Sequence[int]:
+        owner = self._ref()
         if owner is None:
             raise RuntimeError(
                 "this UNet's InstantID processors belong to a pipeline that no longer exists; keep the pipeline "
@@ -76,7 +94,17 @@ def pipeline_layout(pipe: Any) -> BatchLayout:
                 "call it directly"
             ) from None
 
-    return layout
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PipelineLayout, (self._ref(),))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PipelineLayout:
+        pipe = self._ref()
+        return PipelineLayout(memo.get(id(pipe), pipe))
+
+
+def pipeline_layout(pipe: Any) -> BatchLayout:
+    """:class:`PipelineLayout` of ``pipe``."""
+    return PipelineLayout(pipe)
 
 
 class TimestepGate:
@@ -95,6 +123,7 @@ class TimestepGate:
                 f"start and end must satisfy 0 <= start <= end <= 1, got start={start}, end={end}"
             )
         self.start, self.end = float(start), float(end)
+        self._num_train_timesteps = int(num_train_timesteps)
         last = num_train_timesteps - 1
         self._high, self._low = (1.0 - self.start) * last, (1.0 - self.end) * last
         self._local = threading.local()
@@ -105,9 +134,18 @@ class TimestepGate:
         return self.start == 0.0 and self.end == 1.0
 
     def record(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        """Forward pre-hook for ``time_proj``: remember whether ``args[0]`` (the timesteps) is in the window."""
-        timestep = float(args[0].detach().flatten()[0].item())
-        self._local.active = self._low <= timestep <= self._high
+        """Forward pre-hook for ``time_proj``: remember whether ``args[0]`` (the timesteps) is in the window.
+
+        Eager: one host read of the first timestep per UNet call, kept per thread. Under
+        ``torch.compile`` the window is a 0-d bool tensor (no host sync, no graph break), kept on
+        the gate: a compiled gated UNet runs one generation at a time.
+        """
+        timestep = args[0].detach().flatten()[0]
+        if torch.compiler.is_compiling():
+            self._traced = (timestep >= self._low) & (timestep <= self._high)
+            return
+        value = float(timestep.item())
+        self._local.active = self._low <= value <= self._high
 
     def active(self) -> bool:
         """Whether the step this thread's UNet is running is in the window (``RuntimeError`` if no step was seen)."""
@@ -119,6 +157,13 @@ class TimestepGate:
                 "installed on, or use start=0, end=1"
             )
         return bool(active)
+
+    def traced(self) -> Tensor:
+        """Under ``torch.compile``: the 0-d bool tensor :meth:`record` traced for this call."""
+        return self._traced
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TimestepGate, (self.start, self.end, self._num_train_timesteps))
 
 
 class OwnerThreadError(RuntimeError):
@@ -157,13 +202,19 @@ class IdentityAttnProcessor:
         self.gate = gate
         self.embeds_scaling = embeds_scaling
         self.owner = owner
+        self.scale = 1.0
 
     def __repr__(self) -> str:
-        return f"IdentityAttnProcessor(weight={self.weight:g}, tokens={self.kv.k.shape[2]}, width={self.kv.k.shape[-1]})"
+        return (
+            f"IdentityAttnProcessor(weight={self.weight:g}, scale={self.scale:g}, tokens={self.kv.k.shape[2]}, "
+            f"width={self.kv.k.shape[-1]})"
+        )
 
     def _check_thread(self) -> None:
+        if self.owner is None:  # no thread read at all: torch.compile traces this without a break
+            return
         caller = threading.get_ident()
-        if self.owner is not None and caller != self.owner:
+        if caller != self.owner:
             raise OwnerThreadError(
                 f"this UNet has InstantID processors installed in place by instantid_hooks() in thread {self.owner}, "
                 f"and thread {caller} ran it: that would mix identities. Use apply_instantid() for a copy-on-write "
@@ -171,17 +222,57 @@ class IdentityAttnProcessor:
             )
 
     def identity_term(self, query: Tensor, heads: int) -> Tensor | None:
-        """The term to add to the attention output before ``to_out`` (``None`` when off at this step)."""
-        if self.weight == 0.0 or (self.gate is not None and not self.gate.active()):
+        """The term to add to the attention output before ``to_out`` (``None`` when off at this step).
+
+        Scaled by ``weight * scale`` (``scale``: :meth:`set_scale`, diffusers' ``set_ip_adapter_scale``).
+        """
+        weight = self.weight * self.scale
+        if weight == 0.0:
             return None
-        return identity_attention(
+        compiling = self.gate is not None and torch.compiler.is_compiling()
+        if self.gate is not None and not compiling and not self.gate.active():
+            return None
+        term = identity_attention(
             query,
             self.kv,
             heads=heads,
-            weight=self.weight,
+            weight=weight,
             cond_or_uncond=self.layout(),
             embeds_scaling=self.embeds_scaling,
         )
+        if compiling:
+            assert self.gate is not None
+            term = term * self.gate.traced().to(term.dtype)
+        return term
+
+    def set_scale(self, scale: float) -> None:
+        """Multiply this layer's identity term by ``scale`` (1.0 restores the weight it was made with)."""
+        self.scale = _checked_scale(scale)
+
+    def output_term(self, attn: Any, hidden_states: Tensor, temb: Tensor | None = None) -> Tensor | None:
+        """What the identity adds to the output of ``attn`` (an ``Attention`` module) for ``hidden_states``.
+
+        For composing with another processor (:class:`instantid.diffusers.compose.ComposedIdentityProcessor`):
+        the query is computed again from ``attn.to_q`` and the term goes through ``to_out``'s linear
+        map without its bias (the other processor's output already holds the bias).
+        """
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        term = self.identity_term(query, attn.heads)
+        if term is None:
+            return None
+        out = F.linear(term.to(query.dtype), attn.to_out[0].weight)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        result: Tensor = out / attn.rescale_output_factor
+        return result
 
     def __call__(
         self,
@@ -237,3 +328,12 @@ class IdentityAttnProcessor:
             out = out + residual
         result: Tensor = out / attn.rescale_output_factor
         return result
+
+
+def _checked_scale(scale: Any) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(
+            f"an InstantID scale must be a number (0 turns the identity off, 1 keeps its weight); got "
+            f"{type(scale).__name__} {scale!r}"
+        )
+    return float(scale)

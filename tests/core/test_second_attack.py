@@ -329,6 +329,9 @@ def test_a_module_at_several_paths_is_patched_at_every_path(path: str) -> None:
     base = TiedPaths().eval()
     before = state(base)
     ids = torch.tensor([[1, 2, 3]])
+    others = [LazyClonedModel(base) for _ in range(3)]  # clones sharing the module: more references to it
+    for other in others:
+        other.patch_block("encoder", lambda m: setattr(m, "note", 1))
     clone = LazyClonedModel(base)
     new = nn.Parameter(torch.randn(10, 4))
     clone.patch_block(path, lambda m: setattr(m, "weight", new))

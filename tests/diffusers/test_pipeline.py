@@ -19,13 +19,14 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 from PIL import Image
 
+from cow_model import LazyClonedModel
 from instantid.attention import face_tokens
 from instantid.diffusers import FaceTokensControlNet, apply_instantid, instantid_hooks
 from instantid.diffusers.processor import fixed_layout
 from instantid.face import analyze_face, load_face_analysis
 from instantid.keypoints import draw_kps
 from instantid.testing.face_models import build_antelopev2_like, paste_face_tag
-from instantid.testing.tiny_pipelines import IMAGE_SIZE, tiny_instantid_weights, tiny_sdxl_controlnet_pipeline
+from instantid.testing.tiny_pipelines import IMAGE_SIZE
 from tests.diffusers.helpers import assert_unchanged, face, snapshot
 from tests.diffusers.test_processor import ip_adapter_unet
 
@@ -33,18 +34,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:You have passed a tensor as `enc
 
 PROMPT, NEGATIVE = "a photo of a person", "blurry"
 KPS = np.array([[5, 6], [11, 6], [8, 9], [5, 12], [11, 12]], dtype=np.float32)
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    pipeline = tiny_sdxl_controlnet_pipeline(tmp_path_factory.mktemp("tiny_sdxl"))
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-@pytest.fixture(scope="module")
-def tiny_adapter(pipe):
-    return tiny_instantid_weights(pipe.unet, seed=3)
 
 
 def generate(pipeline, control, **kwargs) -> np.ndarray:
@@ -111,12 +100,16 @@ def test_view_equals_in_place_hooks_and_the_reference_flow(pipe, tiny_adapter):
     assert pipe.config is config_before and dict(pipe.components) == components_before
     assert all(pipe.components[k] is v for k, v in components_before.items())
     assert_unchanged(pipe.unet, base_before)
-    # the view shares everything but the UNet (a clone), the ControlNet (a proxy of the same one), the scheduler
+    # the view's models are copy-on-write clones of the base's (the ControlNet's behind the face-token proxy);
+    # tokenizers are copies, the scheduler a new instance
     assert view.unet is not pipe.unet and view.unet.base is pipe.unet
-    assert view.controlnet.__wrapped__ is pipe.controlnet and isinstance(view.controlnet, ControlNetModel)
+    assert view.controlnet.__wrapped__.base is pipe.controlnet and isinstance(view.controlnet, ControlNetModel)
     assert view.scheduler is not pipe.scheduler and view.scheduler.config == pipe.scheduler.config
-    for name in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
-        assert getattr(view, name) is getattr(pipe, name)
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        assert isinstance(getattr(view, name), LazyClonedModel) and getattr(view, name).base is getattr(pipe, name)
+    for name in ("tokenizer", "tokenizer_2"):
+        assert getattr(view, name) is not getattr(pipe, name)
+        assert getattr(view, name)(PROMPT).input_ids == getattr(pipe, name)(PROMPT).input_ids
 
     with instantid_hooks(pipe, tiny_adapter, embedding, weight=0.8):
         assert np.array_equal(generate(pipe, control), image)
@@ -195,7 +188,7 @@ def test_a_view_of_a_view_carries_only_the_new_identity(pipe, tiny_adapter):
     first = apply_instantid(pipe, tiny_adapter, face(24))
     second = apply_instantid(first, tiny_adapter, face(25))
     direct = apply_instantid(pipe, tiny_adapter, face(25))
-    assert second.controlnet.__wrapped__ is pipe.controlnet
+    assert second.controlnet.__wrapped__.base.base is pipe.controlnet
     assert torch.equal(second.controlnet._self_tokens[0], direct.controlnet._self_tokens[0])
     for key, processor in direct.unet.attn_processors.items():
         if ".attn2." in key:
