@@ -169,11 +169,7 @@ class LazyClonedModel(nn.Module, metaclass=_CloneMaker):
                     held = shell.__dict__[kind]
                     for name, tensor in list(held.items()):
                         if isinstance(tensor, UninitializedTensorMixin):
-                            made = type(tensor)(
-                                requires_grad=tensor.requires_grad, device=tensor.device, dtype=tensor.dtype
-                            )
-                            made.__dict__.update(tensor.__dict__)
-                            held[name] = made
+                            made = held[name] = alias(tensor)  # a new uninitialized tensor of its kind
                             state.own_tensors[id(made)] = made
             state.lazy = []
 

@@ -298,8 +298,10 @@ def unchanged(copied: Any, original: Any, seen: set[tuple[int, int]] | None = No
             return bool(copied == original)
         except Exception:
             return False
-    if hasattr(original, "__dict__") and not unchanged(vars(copied), vars(original), seen):
-        return False
+    if hasattr(original, "__dict__"):  # attributes: their order is not state
+        mine, theirs = vars(copied), vars(original)
+        if mine.keys() != theirs.keys() or not all(unchanged(mine[k], v, seen) for k, v in theirs.items()):
+            return False
     for slot in _slots(cls):
         if unchanged(getattr(copied, slot, _MISSING), getattr(original, slot, _MISSING), seen) is False:
             return False
@@ -390,8 +392,13 @@ def alias(tensor: torch.Tensor) -> torch.Tensor:
     """A new tensor object of ``tensor``'s class viewing the same storage (module doc).
 
     Parameters stay parameters with the same ``requires_grad``; attributes set on the tensor
-    object are copied (shallowly) to the alias.
+    object are copied (shallowly) to the alias. An uninitialized (lazy) tensor, which has no bytes,
+    gets a new uninitialized tensor of its kind.
     """
+    if isinstance(tensor, UninitializedTensorMixin):  # no bytes yet: a new uninitialized tensor of its kind
+        fresh: torch.Tensor = type(tensor)(requires_grad=tensor.requires_grad, device=tensor.device, dtype=tensor.dtype)
+        fresh.__dict__.update(tensor.__dict__)
+        return fresh
     made: torch.Tensor = tensor.detach()
     if isinstance(tensor, nn.Parameter):
         made = torch.Tensor._make_subclass(type(tensor), made, tensor.requires_grad)
@@ -402,6 +409,13 @@ def alias(tensor: torch.Tensor) -> torch.Tensor:
 
 def same_tensor_view(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` and ``b`` look at the same bytes the same way, with the same autograd flags."""
+    if isinstance(a, UninitializedTensorMixin) or isinstance(b, UninitializedTensorMixin):
+        return (
+            type(a) is type(b)
+            and (a.dtype, a.device, a.requires_grad) == (b.dtype, b.device, b.requires_grad)
+            and a.__dict__.keys() == b.__dict__.keys()
+            and all(v is b.__dict__[k] for k, v in a.__dict__.items())
+        )
     return (
         type(a) is type(b)
         and a.dtype == b.dtype

@@ -126,6 +126,16 @@ def test_a_base_holding_a_lazy_linear_is_materialised_on_the_clone_only() -> Non
     assert clone.private_bytes == (3 * 4 + 3) * 4
 
 
+def test_a_patch_reading_a_lazy_modules_parameters_before_the_first_forward() -> None:
+    base = nn.Sequential(nn.LazyLinear(3))
+    lazy_weight = base[0].weight
+    clone = LazyClonedModel(base)
+    clone.patch_block("0", lambda m: setattr(m, "trainable", m.weight.requires_grad))
+    assert clone[0].weight is lazy_weight and clone[0].trainable is True  # nothing changed: still shared
+    assert clone(X).shape == (5, 3)
+    assert type(base[0]) is nn.LazyLinear and base[0].weight is lazy_weight
+
+
 def test_private_bytes_counts_tensors_a_patch_stores_on_its_copy() -> None:
     base = small_model()
     clone = LazyClonedModel(base)
@@ -141,13 +151,19 @@ def test_private_bytes_counts_tensors_a_patch_stores_on_its_copy() -> None:
     assert clone.private_bytes == (100 + 50 + 25) * 4  # the base's bytes are not the clone's
 
 
-def test_private_bytes_counts_a_quantized_clones_packed_weights() -> None:
+def quantized_clone() -> tuple[nn.Module, dict[str, Any], LazyClonedModel]:
+    """A small base, its state, and a clone whose Linear layers were dynamically quantized in a root patch."""
     base = small_model()
     before = state(base)
     clone = LazyClonedModel(base)
     clone.patch_block(
         "", lambda root: torch.ao.quantization.quantize_dynamic(root, {nn.Linear}, dtype=torch.qint8, inplace=True)
     )
+    return base, before, clone
+
+
+def test_private_bytes_counts_a_quantized_clones_packed_weights() -> None:
+    base, before, clone = quantized_clone()
     assert_same(before, base)
     packed_int8 = 4 * 8 + 8 * 8 + 8 * 2  # one byte per quantized weight
     assert clone.private_bytes >= packed_int8
@@ -206,12 +222,7 @@ def test_load_state_dict_reports_bad_keys_as_torch_and_leaves_the_clone() -> Non
 
 
 def test_a_quantized_clone_loads_its_own_state_dict() -> None:
-    base = small_model()
-    before = state(base)
-    clone = LazyClonedModel(base)
-    clone.patch_block(
-        "", lambda root: torch.ao.quantization.quantize_dynamic(root, {nn.Linear}, dtype=torch.qint8, inplace=True)
-    )
+    base, before, clone = quantized_clone()
     expected = clone(X)
     saved = clone.state_dict()
     clone.load_state_dict(saved)

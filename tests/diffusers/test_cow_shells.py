@@ -50,12 +50,15 @@ def cast_base() -> torch.nn.Module:
     return base
 
 
+def start(base: torch.nn.Module) -> tuple[tuple, dict, torch.Tensor, dict, dict, LazyClonedModel]:
+    """Inputs, the base's output, its snapshot and hooks, and a fresh clone of it."""
+    args, kwargs = unet_inputs()
+    return args, kwargs, run(base, args, kwargs), snapshot(base), hooks_of(base), LazyClonedModel(base)
+
+
 def test_group_offload_on_a_clone_of_a_layerwise_cast_base_leaves_the_base(cast_base: torch.nn.Module) -> None:
     base = cast_base
-    args, kwargs = unet_inputs()
-    expected = run(base, args, kwargs)
-    before, hooks = snapshot(base), hooks_of(base)
-    clone = LazyClonedModel(base)
+    args, kwargs, expected, before, hooks, clone = start(base)
     clone.enable_group_offload(onload_device=torch.device("cpu"), offload_type="leaf_level")
     assert torch.equal(run(clone, args, kwargs), expected)
     assert_unchanged(base, before)
@@ -71,10 +74,7 @@ def test_group_offload_on_a_clone_of_a_layerwise_cast_base_leaves_the_base(cast_
 
 def test_a_patch_on_a_layerwise_cast_base_runs_on_the_clones_shell(cast_base: torch.nn.Module) -> None:
     base = cast_base
-    args, kwargs = unet_inputs()
-    expected = run(base, args, kwargs)
-    before, hooks = snapshot(base), hooks_of(base)
-    clone = LazyClonedModel(base)
+    args, kwargs, expected, before, hooks, clone = start(base)
     path = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0"  # a Linear with a casting hook
     clone.patch_block(path, lambda linear: [linear.register_forward_hook(lambda m, i, out: out * 0)] and None)
     shell = clone.get_submodule(path)
@@ -101,3 +101,11 @@ def test_xla_flash_attention_toggles_on_a_clone_leave_the_base_processors(unet: 
     assert_unchanged(unet, before)
     assert_same_hooks(unet, hooks)
     assert all(unet.attn_processors[k] is p for k, p in processors.items())
+
+
+def test_a_root_patch_that_changes_nothing_keeps_sharing_the_config(unet: torch.nn.Module) -> None:
+    internal, processors = unet._internal_dict, dict(unet.attn_processors)
+    clone = LazyClonedModel(unet)
+    clone.patch_block("", lambda root: None)  # the scope copies the FrozenDict config and the processors...
+    assert clone._internal_dict is internal  # ...and, unchanged, they go back to the base's objects
+    assert all(clone.attn_processors[k] is p for k, p in processors.items())
