@@ -16,6 +16,11 @@ Fixtures (stable names, used by the node-pack tests too):
 * ``comfy_server`` (session): a real ComfyUI server on that install (``instantid.testing.comfy_server``),
   stopped at the end of the session, also when tests fail.
 
+* ``clone_semantics`` (autouse): every test here that uses ComfyUI in-process (requests ``comfy``, not
+  the server) runs twice, ``[installed]`` with the installed ComfyUI's own ``clone()`` and ``[list-dict]``
+  with its copy of ``model_options`` switched to ``deepcopy_list_dict`` semantics (ComfyUI PR #12382,
+  ``instantid.testing.comfy_clone_semantics``); its value is the semantics' name.
+
 Plain helpers (import from ``instantid.testing.comfyui``): ``conditioning``, ``empty_latent``, ``ksample``, ``run_node``,
 ``tiny_model_patcher``, ``release_models``. After every test, the models ComfyUI holds as loaded are released.
 """
@@ -30,6 +35,8 @@ from typing import Any
 import pytest
 
 from instantid.testing import comfyui
+from instantid.testing.comfy_clone_semantics import SEMANTICS
+from instantid.testing.comfy_clone_semantics import clone_semantics as switched_clone
 from instantid.testing.comfy_fixture import TestInstall, prepare_install
 from instantid.testing.comfy_server import ComfyServer
 from instantid.testing.comfy_server import comfy_server as running_server
@@ -38,6 +45,25 @@ from instantid.testing.comfy_server import comfy_server as running_server
 @pytest.fixture(scope="session")
 def comfy() -> comfyui.ComfyUI:
     return comfyui.load_comfyui()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """In-process ComfyUI tests run under both clone semantics; server tests (another process) do not."""
+    names = metafunc.fixturenames
+    if "comfy" in names and "comfy_install" not in names:
+        metafunc.parametrize("clone_semantics", SEMANTICS, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def clone_semantics(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The clone semantics the test runs under (see the module doc); ``"installed"`` when not parametrised."""
+    semantics = getattr(request, "param", "installed")
+    if semantics == "installed":
+        yield semantics
+        return
+    comfy: comfyui.ComfyUI = request.getfixturevalue("comfy")
+    with switched_clone(comfy.ModelPatcher, semantics):
+        yield semantics
 
 
 @pytest.fixture(autouse=True)
