@@ -60,7 +60,7 @@ def test_summary_takes_medians_and_savings_compare_with_the_baseline_of_the_same
     assert saved["seconds_saved_share"] == pytest.approx(1.0 / 3.01)
     assert saved["vram_max_allocated_saved"] is None  # not measured: stays None, not 0
     text = workflow.markdown(summary, workflow.savings(summary))
-    assert "| sd15 | edits | 1 | 2 | this pack | 3 | 2,010 ms |" in text
+    assert "| sd15 | deepcopy | edits | 1 | 2 | this pack | 3 | 2,010 ms |" in text
     assert "1,000 ms" in text and "+33%" in text
 
 
