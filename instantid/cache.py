@@ -14,7 +14,13 @@ layers keep what that work produced:
 - ``models``: a patched output model, keyed by the input model (weakly, by identity), a
   fingerprint of what the model carries (ComfyUI's ``patches_uuid`` where present, else its weight
   patches; its object patches and ``model_options``), and every input the patch depends on. A hit
-  hands out a fresh clone of the kept model, so nothing a caller does to its output reaches the cache.
+  hands out a fresh clone of the kept model, so nothing a caller does to its output's dicts reaches
+  the cache. Since ComfyUI PR #12382 (2026-02) that clone shares the patch objects with the kept
+  model, and another pack may change one in place (``Attn2Replace.add``): so a hit first checks that
+  the kept model still holds the attn2 patch objects it was stored with, each with the same term
+  containers and entries (by identity: microseconds), and otherwise rebuilds it, counted as
+  ``invalidated`` (and as a miss, not a hit) in :meth:`InstantIDCaches.stats`. The kept model holds
+  no reference to its input model: ComfyUI's ``clone().parent`` (set since 2025) is cleared on it.
 
 A changed ``weight``, ``start_at``, ``end_at`` or ``mask`` misses only ``models`` and rebuilds the
 per-layer terms from the kept K/V.
@@ -92,11 +98,14 @@ def _kv_tensors(result: Any) -> Iterable[Tensor]:
         yield kv.v
 
 
-def _model_tensors(model: Any) -> Iterable[Tensor]:
-    """The K/V tensors a patched ComfyUI model's InstantID terms hold (the bytes it adds; weights are shared)."""
+def _attn2_table(model: Any) -> dict[Any, Any]:
     options = getattr(model, "model_options", {})
-    replace = options.get("transformer_options", {}).get("patches_replace", {})
-    for patch in replace.get("attn2", {}).values():
+    return options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})  # type: ignore[no-any-return]
+
+
+def _model_tensors(kept: Any) -> Iterable[Tensor]:
+    """The K/V tensors a kept patched ComfyUI model's InstantID terms hold (the bytes it adds; weights are shared)."""
+    for patch in _attn2_table(getattr(kept, "model", kept)).values():
         for callback in getattr(patch, "callback", ()):
             kv = getattr(callback, "kv", None)
             if isinstance(kv, IdentityKV):
@@ -147,6 +156,57 @@ def model_fingerprint(model: Any) -> Any:
     return (weights, others, id(getattr(model, "model", None)), str(getattr(model, "load_device", None)))
 
 
+def _entries(terms: Any) -> tuple[Any, ...] | None:
+    """A list's entries (a list can grow in place); ``None`` for anything else (a tuple is checked by identity)."""
+    return tuple(terms) if isinstance(terms, list) else None
+
+
+def patch_seal(model: Any) -> tuple[tuple[Any, ...], ...]:
+    """What a kept model's attn2 patches are: per key, the patch object, its ``callback`` and ``kwargs``
+    containers and, for lists, their entries. Compared by identity with :func:`same_seal`."""
+    seal = []
+    for key, patch in _attn2_table(model).items():
+        callback, kwargs = getattr(patch, "callback", None), getattr(patch, "kwargs", None)
+        seal.append((key, patch, callback, _entries(callback), kwargs, _entries(kwargs)))
+    return tuple(seal)
+
+
+def same_seal(a: tuple[tuple[Any, ...], ...], b: tuple[tuple[Any, ...], ...]) -> bool:
+    """Whether two :func:`patch_seal` results hold the same keys and the very same objects."""
+
+    def same(x: Any, y: Any) -> bool:
+        if isinstance(x, tuple) and isinstance(y, tuple):
+            return len(x) == len(y) and all(i is j for i, j in zip(x, y, strict=True))
+        return x is y
+
+    return len(a) == len(b) and all(
+        ra[0] == rb[0] and all(same(x, y) for x, y in zip(ra[1:], rb[1:], strict=True)) for ra, rb in zip(a, b, strict=True)
+    )
+
+
+class _KeptModel:
+    """A patched model the ``models`` layer keeps, with the :func:`patch_seal` it had when kept.
+
+    Its ``parent`` (ComfyUI's ``clone()`` sets it since 2025) is cleared, so the entry never keeps its
+    input model alive; ComfyUI reads ``parent`` only weakly (``LoadedModel``), and only of models it loads.
+    """
+
+    __slots__ = ("model", "seal")
+
+    def __init__(self, model: Any) -> None:
+        self.keep(model)
+
+    def keep(self, model: Any) -> None:
+        if getattr(model, "parent", None) is not None:
+            model.parent = None
+        self.model = model
+        self.seal = patch_seal(model)
+
+    def intact(self) -> bool:
+        """Whether the kept model still holds the patch objects and terms it was kept with."""
+        return same_seal(self.seal, patch_seal(self.model))
+
+
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
@@ -171,6 +231,8 @@ class InstantIDCaches:
         self.max_entries = _env_int(ENV_ENTRIES, DEFAULT_ENTRIES) if max_entries is None else max_entries
         self.layers: dict[str, PatchCache] = {}
         self._run = threading.local()
+        self._invalidated = 0
+        self._kept_lock = threading.Lock()
         if self.enabled:
             budget = int(self.max_mb * 2**20)
             tensors_of: dict[str, Callable[[Any], Iterable[Tensor]]] = {
@@ -274,17 +336,34 @@ class InstantIDCaches:
 
     def patched_model(self, model: Any, inputs: Any, build: Callable[[], Any]) -> Any:
         """A fresh clone of the model ``build()`` makes from ``model`` and ``inputs`` (every input it depends
-        on besides the model), kept per model (weakly), :func:`model_fingerprint` and ``inputs``."""
+        on besides the model), kept per model (weakly), :func:`model_fingerprint` and ``inputs``.
+
+        A kept model whose patches were changed in place since (another pack's ``add`` through a clone
+        that shared them) is rebuilt and kept anew, counted as ``invalidated``."""
         key = ("model", model, model_fingerprint(model), inputs)
         if "models" not in self.layers:
             return build()
-        return self._lookup("models", key, build).clone()
+        kept = self._lookup("models", key, lambda: _KeptModel(build()))
+        if not kept.intact():
+            logger.info("instantid.models: a kept model's patches were changed in place by another node; rebuilding it")
+            with self._kept_lock:
+                self._invalidated += 1
+            kept.keep(build())
+        return kept.model.clone()
 
     # --- telemetry -----------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Every layer's ``PatchCache.stats()`` as a dict, and the totals."""
+        """Every layer's ``PatchCache.stats()`` as a dict, and the totals. The ``models`` layer also counts
+        ``invalidated``: hits on a kept model changed in place, rebuilt (counted as misses, not hits)."""
         layers = {name: cache.stats().as_dict() for name, cache in self.layers.items()}
+        if "models" in layers:
+            models = layers["models"]
+            models["invalidated"] = self._invalidated
+            models["hits"] -= self._invalidated
+            models["misses"] += self._invalidated
+            lookups = models["hits"] + models["misses"]
+            models["hit_rate"] = models["hits"] / lookups if lookups else 0.0
         hits = sum(s["hits"] for s in layers.values())
         misses = sum(s["misses"] for s in layers.values())
         return {

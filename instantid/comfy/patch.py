@@ -1,22 +1,25 @@
-"""The attn2 replace patches the nodes install, built to stay cheap under ComfyUI's deep copies.
+"""The attn2 replace patches the nodes install: values, right and cheap under every ComfyUI clone().
 
 ComfyUI calls an attn2 replace patch as ``patch(q, k, v, extra_options)`` with ``q``, ``k``, ``v``
-already projected by the layer, and every ``ModelPatcher.clone()`` runs
-``copy.deepcopy(model_options)`` over all installed patches. So:
+already projected by the layer. ``ModelPatcher.clone()`` runs ``copy.deepcopy(model_options)``
+over all installed patches in ComfyUI before 2026-02; since ComfyUI PR #12382 it copies only the
+dicts and lists and shares every patch object with the model it was cloned from. So patches are
+values: nothing here changes a patch object once it is in a model; adding a face puts a new patch
+object into the clone's own dict (:func:`add_identity_patch`). And:
 
 - ``IdentityTerm`` is one face's identity attention for one layer: it holds that layer's
   precomputed K/V (``instantid.attention.IdentityKV``), the weight and the mask. It is immutable
   and ``copy.deepcopy`` returns it unchanged: its tensors are shared by every copy.
-- ``InstantIDAttn2Patch`` is what sits at a patch key: the layer's own attention plus a list of
-  sigma-gated terms. Its deep copy is a new patch with new lists sharing the terms (microseconds),
-  so a later node that adds a term to its clone's patch never changes the upstream model's patch.
+- ``InstantIDAttn2Patch`` is what sits at a patch key: the layer's own attention plus a tuple of
+  sigma-gated terms. Its deep copy is a new patch sharing the terms (microseconds).
 
 The patch follows the ``Attn2Replace`` protocol of ComfyUI_InstantID and ComfyUI_IPAdapter_plus
 (``callback``/``kwargs`` lists, ``add(callback, **kwargs)``, terms called as
 ``callback(out, q, k, v, extra_options, **kwargs)`` and gated on ``kwargs["sigma_start"]`` /
 ``kwargs["sigma_end"]``), so an IP-Adapter applied after InstantID on the same model adds its own
-term to this patch as it does to its own. Terms of other packs are deep-copied with their
-arguments, exactly as the stock deep copy would.
+term to this patch as it does to its own (in place: that pack's isolation is the clone's, see
+``cow_model.comfy``). Terms of other packs are deep-copied with their arguments by a deep copy,
+exactly as the stock deep copy would.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 
 from torch import Tensor
 
+from cow_model import cow_copy
 from instantid.attention import IdentityKV, LayerMasks, identity_attention, sigma_in_range
 
 AttentionFn = Callable[..., Tensor]
@@ -100,39 +104,66 @@ current_sigma = _SigmaReader()
 
 
 class InstantIDAttn2Patch:
-    """An attn2 replace: the layer's attention (or the patch it replaced) plus sigma-gated terms.
+    """An attn2 replace: the layer's attention (or the patch it replaced) plus sigma-gated terms; a value.
 
     ``callback[i]`` is called as ``callback[i](out, q, k, v, extra_options, **kwargs[i])`` when
     ``kwargs[i]["sigma_end"] <= sigma <= kwargs[i]["sigma_start"]`` and its result is added.
     ``base``, when set, is the replace patch that was at this key before (another pack's), called
-    instead of plain attention for the layer's own output.
+    instead of plain attention for the layer's own output; it is shared, never changed.
 
-    Deep copies (ComfyUI's ``clone()``) get new ``callback``/``kwargs`` lists; ``IdentityTerm``
-    entries and their small numeric kwargs are shared or copied in microseconds, any other
-    pack's entries and ``base`` are deep-copied as the stock deep copy would.
+    ``callback`` and ``kwargs`` are tuples, and nothing here changes a patch, a tuple or a kwargs
+    dict once it may be in a model: :meth:`with_identity` / :meth:`with_term` return a new patch
+    (new tuples, the terms shared). :meth:`add` is the ``Attn2Replace`` protocol other packs call
+    (ComfyUI_IPAdapter_plus adds its term to whatever patch sits at its key): it replaces this
+    patch's tuples with longer ones in place, as the protocol requires; this pack never calls it.
+
+    Deep copies (ComfyUI's ``clone()`` before 2026-02) get a new patch: ``IdentityTerm`` entries
+    and their kwargs dicts are shared (immutable), any other pack's entries and ``base`` are
+    deep-copied as the stock deep copy would.
     """
 
-    def __init__(self, base: Callable[..., Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        base: Callable[..., Tensor] | None = None,
+        callback: tuple[Term, ...] = (),
+        kwargs: tuple[dict[str, Any], ...] = (),
+    ) -> None:
+        if len(callback) != len(kwargs):
+            raise ValueError(f"InstantIDAttn2Patch needs one kwargs dict per callback; got {len(callback)} and {len(kwargs)}")
         self.base = base
-        self.callback: list[Term] = []
-        self.kwargs: list[dict[str, Any]] = []
+        self.callback: tuple[Term, ...] = tuple(callback)
+        self.kwargs: tuple[dict[str, Any], ...] = tuple(kwargs)
 
-    def add(self, callback: Term, **kwargs: Any) -> None:
-        """Append a term (the ``Attn2Replace.add`` protocol); ``kwargs`` must hold ``sigma_start``/``sigma_end``."""
+    @staticmethod
+    def _checked(kwargs: dict[str, Any]) -> dict[str, Any]:
         for name in ("sigma_start", "sigma_end"):
             if name not in kwargs:
                 raise TypeError(f"InstantIDAttn2Patch.add needs {name!r} among its keyword arguments")
-        self.callback.append(callback)
-        self.kwargs.append(kwargs)
+        return kwargs
 
-    def add_identity(self, term: IdentityTerm, sigma_start: float, sigma_end: float) -> None:
-        """Append one face's identity term, active for ``sigma_end <= sigma <= sigma_start``."""
-        self.add(term, sigma_start=float(sigma_start), sigma_end=float(sigma_end))
+    def with_term(self, callback: Term, **kwargs: Any) -> InstantIDAttn2Patch:
+        """A new patch: this one's terms and ``callback`` (``kwargs`` must hold ``sigma_start``/``sigma_end``)."""
+        kwargs = self._checked(kwargs)
+        new = copy.copy(self)  # the same base and attributes, this patch unchanged
+        new.callback = (*self.callback, callback)
+        new.kwargs = (*self.kwargs, kwargs)
+        return new
+
+    def with_identity(self, term: IdentityTerm, sigma_start: float, sigma_end: float) -> InstantIDAttn2Patch:
+        """A new patch: this one's terms and one face's identity term, active for ``sigma_end <= sigma <= sigma_start``."""
+        return self.with_term(term, sigma_start=float(sigma_start), sigma_end=float(sigma_end))
+
+    def add(self, callback: Term, **kwargs: Any) -> None:
+        """Append a term in place (the ``Attn2Replace.add`` protocol of other packs); ``kwargs`` must hold
+        ``sigma_start``/``sigma_end``. The tuples are replaced, never changed: a copy made before keeps its terms."""
+        kwargs = self._checked(kwargs)
+        self.callback = (*self.callback, callback)
+        self.kwargs = (*self.kwargs, kwargs)
 
     @property
-    def identities(self) -> list[IdentityTerm]:
+    def identities(self) -> tuple[IdentityTerm, ...]:
         """This patch's own identity terms, in the order they were added."""
-        return [c for c in self.callback if isinstance(c, IdentityTerm)]
+        return tuple(c for c in self.callback if isinstance(c, IdentityTerm))
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, extra_options: dict[str, Any]) -> Tensor:
         dtype = q.dtype
@@ -152,15 +183,19 @@ class InstantIDAttn2Patch:
         for name, value in self.__dict__.items():
             if name not in ("callback", "kwargs"):
                 setattr(new, name, copy.deepcopy(value, memo))
-        new.callback = []
-        new.kwargs = []
+        if all(isinstance(callback, IdentityTerm) for callback in self.callback):
+            new.callback, new.kwargs = self.callback, self.kwargs  # immutable: shared
+            return new
+        callbacks: list[Term] = []
+        kwargs_list: list[dict[str, Any]] = []
         for callback, kwargs in zip(self.callback, self.kwargs, strict=True):
             if isinstance(callback, IdentityTerm):
-                new.callback.append(callback)
-                new.kwargs.append(dict(kwargs))
+                callbacks.append(callback)
+                kwargs_list.append(kwargs)
             else:
-                new.callback.append(copy.deepcopy(callback, memo))
-                new.kwargs.append(copy.deepcopy(kwargs, memo))
+                callbacks.append(copy.deepcopy(callback, memo))
+                kwargs_list.append(copy.deepcopy(kwargs, memo))
+        new.callback, new.kwargs = tuple(callbacks), tuple(kwargs_list)
         return new
 
 
@@ -173,23 +208,28 @@ def attn2_patches(model_options: dict[str, Any]) -> dict[Any, Any]:
 def add_identity_patch(
     model: Any, key: tuple[str, int, int], term: IdentityTerm, sigma_start: float, sigma_end: float
 ) -> None:
-    """Add ``term`` at ``key`` to ``model``, a ComfyUI ``ModelPatcher`` fresh from ``clone()``.
+    """Put ``term`` at ``key`` on ``model``, a ComfyUI ``ModelPatcher`` fresh from ``clone()``, changing no patch object.
 
-    The patch at ``key`` in a fresh clone is the clone's own copy, so adding to it leaves the
-    model it was cloned from unchanged. Our own patch gets the term; a foreign patch following
-    the ``Attn2Replace`` protocol (``add``) gets it as the stock pack gives it; any other patch at
-    ``key``, or else a block-wide patch at ``key[:2]``, becomes the base of a new
-    ``InstantIDAttn2Patch`` installed at ``key``.
+    Whatever ``clone()`` shares with the model it was cloned from (every patch object, since ComfyUI
+    PR #12382 of 2026-02), a new patch object goes into the clone's own ``patches_replace`` dict:
+    our own patch at ``key`` becomes a new one with the term added (its terms shared); a foreign
+    patch following the ``Attn2Replace`` protocol (``add``, as ComfyUI_InstantID's and
+    ComfyUI_IPAdapter_plus's) is copied with ``cow_model.cow_copy`` (containers and plain objects
+    copied, tensors, modules and functions shared) and the copy gets the term as the stock pack
+    gives it; any other patch at ``key``, or else a block-wide patch at ``key[:2]``, becomes the
+    (shared, unchanged) base of a new ``InstantIDAttn2Patch``.
     """
     patches = attn2_patches(model.model_options)
     existing = patches.get(key)
+    patch: Any
     if isinstance(existing, InstantIDAttn2Patch):
-        existing.add_identity(term, sigma_start, sigma_end)
+        patch = existing.with_identity(term, sigma_start, sigma_end)
     elif existing is not None and callable(getattr(existing, "add", None)):
-        existing.add(term, sigma_start=float(sigma_start), sigma_end=float(sigma_end))
+        patch = cow_copy(existing)
+        patch.add(term, sigma_start=float(sigma_start), sigma_end=float(sigma_end))
     else:
         # ComfyUI prefers the (block, number, index) key to a block-wide (block, number) one, so a
         # block-wide patch becomes the base here rather than being shadowed for this layer.
-        patch = InstantIDAttn2Patch(base=existing if existing is not None else patches.get(key[:2]))
-        patch.add_identity(term, sigma_start, sigma_end)
-        model.set_model_attn2_replace(patch, *key)
+        base = existing if existing is not None else patches.get(key[:2])
+        patch = InstantIDAttn2Patch(base=base).with_identity(term, sigma_start, sigma_end)
+    model.set_model_attn2_replace(patch, *key)

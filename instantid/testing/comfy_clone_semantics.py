@@ -68,6 +68,11 @@ def copies_with_list_dict(clone: Callable[..., Any]) -> bool:
         return False
 
 
+def shares_patch_objects(model_patcher_class: type) -> bool:
+    """Whether the class's ``clone()`` (as now installed) shares patch objects: it copies with ``deepcopy_list_dict``."""
+    return copies_with_list_dict(model_patcher_class.clone)
+
+
 def list_dict_clone(stock: Callable[..., Any]) -> Callable[..., Any]:
     """``stock`` (a ComfyUI ``ModelPatcher.clone``) with its ``copy.deepcopy(self.model_options)`` swapped.
 

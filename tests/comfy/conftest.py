@@ -10,6 +10,7 @@ Fixtures (stable names, used by the node-pack tests too):
   temporary folder registered with ComfyUI's ``loras`` paths, returns the ``lora_name`` for
   ``LoraLoaderModelOnly``.
 
+* ``face_app`` (session): insightface's ``FaceAnalysis`` on small random antelopev2-layout models.
 * ``comfy_install`` (session): a private ComfyUI base directory with this repository in its
   ``custom_nodes`` and the random-weight SD1.5 models, face models and images written
   (``instantid.testing.comfy_fixture.TestInstall``).
@@ -40,6 +41,7 @@ from instantid.testing.comfy_clone_semantics import clone_semantics as switched_
 from instantid.testing.comfy_fixture import TestInstall, prepare_install
 from instantid.testing.comfy_server import ComfyServer
 from instantid.testing.comfy_server import comfy_server as running_server
+from tests.comfy.instantid_helpers import small_face_analysis
 
 
 @pytest.fixture(scope="session")
@@ -72,6 +74,12 @@ def _release_comfy_models() -> Iterator[None]:
     yield
     if comfyui.load_comfyui.cache_info().currsize:
         comfyui.release_models(comfyui.load_comfyui())
+
+
+@pytest.fixture(scope="session")
+def face_app(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """insightface's FaceAnalysis on small random antelopev2-layout models (finds the test images' tagged faces)."""
+    return small_face_analysis(tmp_path_factory.mktemp("insightface"))
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from instantid.comfy.blocks import cross_attention_sites, diffusion_model_of
+from instantid.comfy.patch import attn2_patches
 from instantid.face import load_face_analysis
 from instantid.resampler import Resampler
 from instantid.testing.adapter_files import RESAMPLER_SIZES
@@ -62,6 +63,30 @@ def shared_patcher(comfy: ComfyUI, arch: Arch) -> Any:
 def shared_adapter(comfy: ComfyUI, arch: Arch) -> InstantIDWeights:
     """The tiny adapter for :func:`shared_patcher` (seed 0), built once per process."""
     return tiny_adapter(shared_patcher(comfy, arch), arch)
+
+
+def identity_terms(model: Any) -> dict[Any, list[tuple[Any, ...]]]:
+    """Every layer's identity terms: K, V, weight, mask and sigma window (all that a term's output depends on)."""
+    return {
+        key: [
+            (term.kv.k, term.kv.v, term.weight, getattr(term.mask, "mask", term.mask), kwargs)
+            for term, kwargs in zip(patch.callback, patch.kwargs, strict=True)
+        ]
+        for key, patch in sorted(attn2_patches(model.model_options).items())
+    }
+
+
+def same_terms(a: dict[Any, list[tuple[Any, ...]]], b: dict[Any, list[tuple[Any, ...]]]) -> bool:
+    def same(x: Any, y: Any) -> bool:
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y)
+        return bool(x == y)
+
+    return a.keys() == b.keys() and all(
+        len(a[k]) == len(b[k])
+        and all(same(x, y) for ta, tb in zip(a[k], b[k], strict=True) for x, y in zip(ta, tb, strict=True))
+        for k in a
+    )
 
 
 def face_embedding(seed: int, batch: int = 1) -> torch.Tensor:

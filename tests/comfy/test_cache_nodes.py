@@ -7,7 +7,6 @@ from __future__ import annotations
 import gc
 import weakref
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,23 +17,17 @@ from hypothesis import strategies as st
 from instantid import cache as instantid_cache
 from instantid.comfy.patch import InstantIDAttn2Patch, attn2_patches
 from instantid.testing import comfyui
-from instantid.testing.face_models import build_antelopev2_like
 from tests.comfy.instantid_helpers import (
     face_image,
+    identity_terms,
     pack_nodes,
+    same_terms,
     shared_adapter,
     shared_patcher,
-    small_face_analysis,
     tiny_adapter,
 )
 
 LAYERS = instantid_cache.LAYERS
-
-
-@pytest.fixture(scope="module")
-def face_app(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    root: Path = build_antelopev2_like(tmp_path_factory.mktemp("insightface"))
-    return small_face_analysis(root)
 
 
 @pytest.fixture
@@ -81,30 +74,6 @@ def _patch_inputs(comfy: comfyui.ComfyUI, face_app: Any, **overrides: Any) -> di
 IMAGE = face_image(40, 60)
 OTHER_IMAGE = face_image(700, 300)
 MASK = torch.ones(16, 16)
-
-
-def _terms(model: Any) -> dict[Any, list[tuple[Any, ...]]]:
-    """Every layer's identity terms: K, V, weight, mask and sigma window (all that a term's output depends on)."""
-    return {
-        key: [
-            (term.kv.k, term.kv.v, term.weight, getattr(term.mask, "mask", term.mask), kwargs)
-            for term, kwargs in zip(patch.callback, patch.kwargs, strict=True)
-        ]
-        for key, patch in sorted(attn2_patches(model.model_options).items())
-    }
-
-
-def _same_terms(a: dict[Any, list[tuple[Any, ...]]], b: dict[Any, list[tuple[Any, ...]]]) -> bool:
-    def same(x: Any, y: Any) -> bool:
-        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-            return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y)
-        return bool(x == y)
-
-    return a.keys() == b.keys() and all(
-        len(a[k]) == len(b[k])
-        and all(same(x, y) for ta, tb in zip(a[k], b[k], strict=True) for x, y in zip(ta, tb, strict=True))
-        for k in a
-    )
 
 
 def _layer_outputs(model: Any, limit: int | None = None) -> dict[Any, torch.Tensor]:
@@ -346,7 +315,7 @@ def _run_sequence(
                 embeds["cond"],
                 embeds["uncond"],
                 model.patches.keys(),
-                _terms(model),
+                identity_terms(model),
             )
         )
     return outputs
@@ -381,4 +350,4 @@ def test_cached_and_uncached_outputs_are_bit_equal(
         for key in layers_a:
             assert torch.equal(layers_a[key], layers_b[key]), (step, key)
         assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) and a[3] == b[3], step
-        assert _same_terms(a[4], b[4]), step
+        assert same_terms(a[4], b[4]), step

@@ -16,6 +16,7 @@ import torch
 import cow_model.comfy as cow_comfy
 from cow_model import cow_copy
 from instantid.testing import comfyui
+from instantid.testing.comfy_clone_semantics import shares_patch_objects
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -123,12 +124,16 @@ def test_cow_clone_sets_every_field_as_the_stock_clone(patched: Any) -> None:
     # model_options: the stock deep copy and the cow copy have the same structure ...
     assert_cow_copy_of(cow.model_options, patched.model_options)
     assert list(stock.model_options) == list(cow.model_options)
-    # ... but the stock one copied the payload, the cow one shares it.
+    # ... but the stock one copied the payload (or, since 2026-02, shares the patch object), the cow one
+    # copies the patch object and shares its payload.
     stock_payload, cow_payload = attn2_replace(stock)[("input", 1, 0)], attn2_replace(cow)[("input", 1, 0)]
     original_payload = attn2_replace(patched)[("input", 1, 0)]
-    assert stock_payload.weight is not original_payload.weight and torch.equal(
-        stock_payload.weight, original_payload.weight
-    )
+    if shares_patch_objects(type(patched)):
+        assert stock_payload is original_payload
+    else:
+        assert stock_payload.weight is not original_payload.weight and torch.equal(
+            stock_payload.weight, original_payload.weight
+        )
     assert cow_payload is not original_payload and cow_payload.weight is original_payload.weight
     assert cow_payload.module is original_payload.module
     assert cow_payload.calls is not original_payload.calls
@@ -231,6 +236,13 @@ def test_options_that_are_not_a_dict_fall_back_with_one_warning(
     patched.model_options = OrderedDict(patched.model_options)
     with caplog.at_level(logging.WARNING, logger="cow_model.comfy"):
         clones = [cow_comfy.cow_clone(patched) for _ in range(2)]
+    original = attn2_replace(patched)[("input", 1, 0)]
+    if shares_patch_objects(type(patched)):  # deepcopy_list_dict makes it a dict; its objects are cow-copied
+        assert not [r for r in caplog.records if r.name == "cow_model.comfy"]
+        for clone in clones:
+            payload = attn2_replace(clone)[("input", 1, 0)]
+            assert type(clone.model_options) is dict and payload is not original and payload.weight is original.weight
+        return
     assert [r.getMessage() for r in caplog.records if r.name == "cow_model.comfy"] == [
         f"cow_model.comfy: {type(patched).__qualname__}.model_options is OrderedDict, not a dict; "
         "using the stock clone(), which deep-copies it"
@@ -278,10 +290,11 @@ def test_install_uninstall_round_trip(comfy: comfyui.ComfyUI, patched: Any) -> N
     assert cow_comfy.uninstall() is False
     assert not cow_comfy.is_installed()
     stock_clone = patched.clone()
-    assert (
-        attn2_replace(stock_clone)[("input", 1, 0)].weight
-        is not attn2_replace(patched)[("input", 1, 0)].weight
-    )
+    stock_payload, original = attn2_replace(stock_clone)[("input", 1, 0)], attn2_replace(patched)[("input", 1, 0)]
+    if shares_patch_objects(comfy.ModelPatcher):
+        assert stock_payload is original, "uninstalled: the stock list-dict copy shares the patch object"
+    else:
+        assert stock_payload.weight is not original.weight, "uninstalled: the stock deep copy"
 
 
 def test_install_refuses_an_unrecognised_clone(
@@ -432,10 +445,11 @@ def test_another_pack_wrapping_the_installed_clone(
         assert "leaving that wrapper in place" in caplog.text
         stock_copy = patched.clone()
         assert len(calls) == 2
-        weight = attn2_replace(stock_copy)[("input", 1, 0)].weight
-        assert weight is not attn2_replace(patched)[("input", 1, 0)].weight, (
-            "switched off: the stock deep copy"
-        )
+        stock_payload, original = attn2_replace(stock_copy)[("input", 1, 0)], attn2_replace(patched)[("input", 1, 0)]
+        if shares_patch_objects(type(patched)):
+            assert stock_payload is original, "switched off: the stock list-dict copy"
+        else:
+            assert stock_payload.weight is not original.weight, "switched off: the stock deep copy"
         assert cow_comfy.install() is True and comfy.ModelPatcher.__dict__["clone"] is pack_clone
     finally:
         comfy.ModelPatcher.clone = ours

@@ -2,7 +2,8 @@
 
 The patchers here are stand-ins written the way ComfyUI writes ``ModelPatcher.clone()``: the options
 are deep-copied with ``copy.deepcopy(self.model_options)`` and, as in ComfyUI since late 2024, the
-``ON_CLONE`` callbacks run at the end as ``callback(self, n)``. Each test gets a class of its own,
+``ON_CLONE`` callbacks run at the end as ``callback(self, n)``; or, as since 2026-02, copied with
+``deepcopy_list_dict(self.model_options)``. Each test gets a class of its own,
 since ``install()`` replaces ``clone`` on the class.
 """
 
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 import cow_model.comfy as cow_comfy
+from instantid.testing.comfy_clone_semantics import deepcopy_list_dict
 
 
 class CallbackPatcher:
@@ -234,3 +236,70 @@ def test_a_function_made_to_look_like_the_installed_one_is_not_it(
     assert cow_comfy.uninstall(other) is False and other.__dict__["clone"] is lookalike
     cow_comfy.cow_clone(patcher)
     assert calls == [patcher], "cow_clone calls the class's own clone(), not the installed one's stock"
+
+
+class InPlacePatch:
+    """A patch object of the ``Attn2Replace`` protocol: its ``add`` appends in place (ComfyUI_IPAdapter_plus's way)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.callback: list[Any] = [weight]
+
+    def add(self, term: Any) -> None:
+        self.callback.append(term)
+
+
+class ListDictPatcher:
+    """Clones as ComfyUI since 2026-02 does (PR #12382): dicts and lists copied, every other object shared; the
+    newer arguments; a dynamic-VRAM flag (``is_dynamic()``, as ``ModelPatcherDynamic`` answers)."""
+
+    def __init__(self, dynamic: bool = False) -> None:
+        self.weight = torch.ones(3)
+        self.dynamic = dynamic
+        self.model_options: dict[str, Any] = {"transformer_options": {"attn2": {"key": InPlacePatch(self.weight)}}}
+        self.calls: list[tuple[Any, ...]] = []
+
+    def is_dynamic(self) -> bool:
+        return self.dynamic
+
+    def clone(self, disable_dynamic: bool = False, model_override: Any = None, force_deepcopy: bool = False) -> Any:
+        self.calls.append((disable_dynamic, model_override, force_deepcopy))
+        n = type(self).__new__(type(self))
+        n.weight, n.dynamic, n.calls = self.weight, self.dynamic and not disable_dynamic, []
+        n.model_options = deepcopy_list_dict(self.model_options)
+        n.model_options["transformer_options"]["by_clone"] = InPlacePatch(self.weight)  # clone()'s own object
+        return n
+
+
+def patch_of(patcher: Any) -> InPlacePatch:
+    return patcher.model_options["transformer_options"]["attn2"]["key"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def list_dict_class() -> Iterator[type[ListDictPatcher]]:
+    cls: type[ListDictPatcher] = type("Patcher2026", (ListDictPatcher,), {"clone": ListDictPatcher.clone})
+    assert cow_comfy.install(cls) is True, "install() must accept a deepcopy_list_dict clone()"
+    yield cls
+    cow_comfy.uninstall(cls)
+
+
+def test_on_a_list_dict_clone_patch_objects_are_cow_copied(list_dict_class: type[ListDictPatcher]) -> None:
+    original = list_dict_class()
+    clone = original.clone(True, model_override="override")
+    assert original.calls == [(True, "override", False)], "the newer clone() arguments are passed through"
+    copied = patch_of(clone)
+    assert copied is not patch_of(original) and copied.callback[0] is original.weight  # the tensor shared
+    copied.add("a second term")
+    assert patch_of(original).callback == [original.weight], "an in-place add reached the original"
+    assert type(clone.model_options["transformer_options"]["by_clone"]) is InPlacePatch  # left as clone() made it
+    assert cow_comfy.cow_clone(original).model_options["transformer_options"]["attn2"]["key"] is not patch_of(original)
+
+
+@pytest.mark.parametrize("case", ["force_deepcopy", "dynamic"])
+def test_force_deepcopy_and_dynamic_patchers_are_left_to_comfyuis_clone(
+    list_dict_class: type[ListDictPatcher], case: str
+) -> None:
+    original = list_dict_class(dynamic=case == "dynamic")
+    clone = original.clone(force_deepcopy=True) if case == "force_deepcopy" else original.clone()
+    assert patch_of(clone) is patch_of(original), "ComfyUI's own clone() shares it; nothing else was done"
+    positional = original.clone(False, None, True) if case == "force_deepcopy" else None
+    assert positional is None or patch_of(positional) is patch_of(original)

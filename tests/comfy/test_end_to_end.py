@@ -26,7 +26,6 @@ from tests.comfy.instantid_helpers import (
     pack_nodes,
     shared_adapter,
     shared_patcher,
-    small_face_analysis,
 )
 
 LATENT = 8
@@ -44,11 +43,6 @@ def _half_mask(side: str) -> torch.Tensor:
     return mask
 
 
-@pytest.fixture(scope="module")
-def face_app(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return small_face_analysis(tmp_path_factory.mktemp("insightface"))
-
-
 def _two_face_graph(
     comfy: comfyui.ComfyUI, arch: comfyui.Arch, face_app: Any, control_net: Any
 ) -> tuple[torch.Tensor, Any, dict[Any, Any], dict[Any, list[Any]]]:
@@ -64,7 +58,7 @@ def _two_face_graph(
         weight=0.8, mask=_half_mask("left"), **common,
     )
     snapshot = attn2_patches(one.model_options)
-    terms = {key: list(patch.callback) for key, patch in snapshot.items()}
+    terms = {key: tuple(patch.callback) for key, patch in snapshot.items()}
     two, positive, negative = comfyui.run_node(
         pack_nodes(comfy).ApplyInstantID, image=face_image(700, 300), model=one, positive=positive, negative=negative,
         weight=0.6, mask=_half_mask("right"), **common,

@@ -26,7 +26,6 @@ from tests.comfy.instantid_helpers import (
     pack_nodes,
     shared_adapter,
     shared_patcher,
-    small_face_analysis,
 )
 
 ORIGINAL_INTERFACE: dict[str, dict[str, Any]] = {
@@ -121,11 +120,6 @@ SD15_CONTROLNET_ON_SDXL_MESSAGE = (
     "face tokens, `model` reads 768-d (SD1.5) text tokens; the ControlNet, the InstantID adapter and the model "
     "must all be for the same base model (SD1.5 768, SDXL 2048); load the IdentityNet ControlNet made for SD1.5"
 )
-
-
-@pytest.fixture(scope="module")
-def face_app(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return small_face_analysis(tmp_path_factory.mktemp("insightface"))
 
 
 def _interface(node_class: type) -> dict[str, Any]:

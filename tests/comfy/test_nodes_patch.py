@@ -15,6 +15,7 @@ from instantid.comfy.blocks import cross_attention_sites, diffusion_model_of
 from instantid.comfy.errors import InstantIDNodeError
 from instantid.comfy.patch import IdentityTerm, InstantIDAttn2Patch, add_identity_patch, attn2_patches
 from instantid.testing import comfyui
+from instantid.testing.comfy_clone_semantics import shares_patch_objects
 from tests.comfy.instantid_helpers import face_embedding, shared_adapter, shared_patcher
 
 HEADS = 2
@@ -46,7 +47,7 @@ def _options(sigma: float, cond_or_uncond: list[int] | None = None) -> dict[str,
 def _patch_with(*terms: tuple[IdentityTerm, float, float]) -> InstantIDAttn2Patch:
     patch = InstantIDAttn2Patch()
     for term, start, end in terms:
-        patch.add_identity(term, start, end)
+        patch = patch.with_identity(term, start, end)
     return patch
 
 
@@ -58,19 +59,29 @@ def stock_deepcopy(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-def test_deep_copy_shares_terms_and_copies_lists(comfy: comfyui.ComfyUI) -> None:
+def test_deep_copy_is_a_new_patch_sharing_the_immutable_terms(comfy: comfyui.ComfyUI) -> None:
     term = IdentityTerm(_kv(0), 0.8, None)
     patch = _patch_with((term, 10.0, 0.0))
     clone = copy.deepcopy(patch)
     assert clone is not patch
-    assert clone.callback is not patch.callback and clone.kwargs is not patch.kwargs
-    assert clone.kwargs[0] is not patch.kwargs[0] and clone.kwargs[0] == patch.kwargs[0]
+    assert clone.callback is patch.callback and clone.kwargs is patch.kwargs  # tuples of immutable terms
     assert clone.identities[0] is term
     assert clone.identities[0].kv.k is term.kv.k  # the K/V tensors are shared, never copied
 
-    clone.add_identity(IdentityTerm(_kv(1), 0.5, None), 10.0, 0.0)
+    clone.add(IdentityTerm(_kv(1), 0.5, None), sigma_start=10.0, sigma_end=0.0)  # another pack's in-place add
     assert len(clone.identities) == 2
     assert len(patch.identities) == 1, "adding to a copy changed the original"
+
+
+def test_with_identity_is_a_new_patch_and_leaves_this_one(comfy: comfyui.ComfyUI) -> None:
+    first = IdentityTerm(_kv(0), 0.8, None)
+    patch = _patch_with((first, 10.0, 0.0))
+    callback, kwargs = patch.callback, patch.kwargs
+    second = IdentityTerm(_kv(1), 0.5, None)
+    grown = patch.with_identity(second, 10.0, 0.0)
+    assert grown is not patch and grown.identities == (first, second)
+    assert patch.callback is callback and patch.kwargs is kwargs and patch.identities == (first,)
+    assert grown.identities[0] is first and grown.kwargs[0] is kwargs[0]
 
 
 def test_identity_term_is_immutable() -> None:
@@ -179,7 +190,7 @@ def test_two_faces_stack_on_clones_without_touching_upstream(comfy: comfyui.Comf
         tokens_a = face_tokens(weights, face_embedding(1))
         tokens_b = face_tokens(weights, face_embedding(2))
         one = apply_identity(base, weights, *tokens_a, weight=0.8, start_at=0.0, end_at=1.0)
-        before = {key: (patch, list(patch.callback)) for key, patch in attn2_patches(one.model_options).items()}
+        before = {key: (patch, tuple(patch.callback)) for key, patch in attn2_patches(one.model_options).items()}
         two = apply_identity(one, weights, *tokens_b, weight=0.6, start_at=0.2, end_at=0.9)
 
     assert attn2_patches(base.model_options) == {}
@@ -195,14 +206,15 @@ def test_two_faces_stack_on_clones_without_touching_upstream(comfy: comfyui.Comf
 
 
 def test_stock_clone_of_a_patched_model_copies_no_tensor(comfy: comfyui.ComfyUI) -> None:
+    shared = shares_patch_objects(comfy.ModelPatcher)
     base = shared_patcher(comfy, "sdxl")
     weights = shared_adapter(comfy, "sdxl")
     with torch.inference_mode():
         patched = apply_identity(base, weights, *face_tokens(weights, face_embedding(1)), weight=1, start_at=0, end_at=1)
-        clone = patched.clone()  # ComfyUI's own clone: copy.deepcopy(model_options)
+        clone = patched.clone()  # ComfyUI's own clone: copy.deepcopy, or deepcopy_list_dict since 2026-02
     for key, patch in attn2_patches(clone.model_options).items():
         original = attn2_patches(patched.model_options)[key]
-        assert patch is not original
+        assert (patch is original) is shared
         assert patch.identities[0] is original.identities[0]
 
 
