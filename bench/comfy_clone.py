@@ -233,23 +233,42 @@ def _ms(run: Callable[[], Any]) -> tuple[float, Any]:
     return 1000 * (time.perf_counter() - start), result
 
 
+def _reruns(
+    layout: str, first: Callable[[], Any], again: Callable[[Any, float], Any], edits: int
+) -> dict[str, Any]:
+    """Time ``first()``, then ``edits`` calls ``again(upstream, weight)``; the last output's and upstream's terms per key."""
+    first_ms, upstream = _ms(first)
+    times, last = [], None
+    for i in range(edits):
+        last = None  # only one output alive at a time (a deep-copied adapter each, before 2026-02)
+        ms, last = _ms(lambda i=i: again(upstream, 0.5 + 0.1 * i))
+        times.append(ms)
+    return {"layout": layout, "first_apply_ms": first_ms, "reapply_ms": statistics.median(times),
+            "terms_output": terms_per_key(last), "terms_upstream": terms_per_key(upstream)}  # fmt: skip
+
+
 def rerun_rows(
     base: Any, weights: InstantIDWeights, cond: Tensor, uncond: Tensor, dtype: torch.dtype, edits: int
 ) -> list[dict[str, Any]]:
-    """First apply, ``edits`` re-runs of a second face (new weight each) on the cached first output, terms per key."""
-    rows = []
-    first_ms, upstream = _ms(lambda: stock_pack_model(base, weights, cond.to(dtype), uncond.to(dtype)))
-    outputs = [_ms(lambda i=i: stock_pack_second_face(upstream, cond.to(dtype), uncond.to(dtype), 0.5 + 0.1 * i))
-               for i in range(edits)]  # fmt: skip
-    rows.append({"layout": STOCK_LAYOUT, "first_apply_ms": first_ms,
-                 "reapply_ms": statistics.median(ms for ms, _ in outputs),
-                 "terms_output": terms_per_key(outputs[-1][1]), "terms_upstream": terms_per_key(upstream)})  # fmt: skip
-    first_ms, upstream = _ms(lambda: this_pack_model(base, weights, cond, uncond, dtype))
+    """First apply, ``edits`` re-runs of a second face (new weight each) on the cached first output, terms per key.
+
+    Rows: the original layout, the same with the global switch on (where it installs), this pack.
+    """
+    c, u = cond.to(dtype), uncond.to(dtype)
+
+    def stock() -> dict[str, Any]:
+        return _reruns(STOCK_LAYOUT, lambda: stock_pack_model(base, weights, c, u),
+                       lambda up, w: stock_pack_second_face(up, c, u, w), edits)  # fmt: skip
+
+    rows = [stock()]
+    if cow_comfy.install():
+        try:
+            rows.append({**stock(), "layout": f"{STOCK_LAYOUT} + switch"})
+        finally:
+            cow_comfy.uninstall()
     kv = precompute_kv(weights, cond, uncond, dtype=dtype, device="cpu")
-    outputs = [_ms(lambda i=i: this_pack_second_face(upstream, kv, 0.5 + 0.1 * i)) for i in range(edits)]
-    rows.append({"layout": PACK_LAYOUT, "first_apply_ms": first_ms,
-                 "reapply_ms": statistics.median(ms for ms, _ in outputs),
-                 "terms_output": terms_per_key(outputs[-1][1]), "terms_upstream": terms_per_key(upstream)})  # fmt: skip
+    rows.append(_reruns(PACK_LAYOUT, lambda: this_pack_model(base, weights, cond, uncond, dtype),
+                        lambda up, w: this_pack_second_face(up, kv, w), edits))  # fmt: skip
     return rows
 
 

@@ -174,8 +174,10 @@ def clone_rows(clone: dict[str, Any]) -> list[list[str]]:
                 ok = x["terms_output"] == 2 and x["terms_upstream"] == 1
                 return f"{x['terms_output']} / {x['terms_upstream']}{'' if ok else ' (wrong)'}"
 
+            switched = reruns.get(f"{BASELINE} + switch")
             rows.append([generation, f"terms per patch key after {clone.get('edits', '?')} re-runs of a 2nd face, "
-                         "output / cached upstream (fresh run: 2 / 1)", "2 / 1", terms(b), terms(p), ""])  # fmt: skip
+                         "output / cached upstream (fresh run: 2 / 1)", "2 / 1", terms(b), terms(p),
+                         f"{BASELINE} + COW_MODEL_COMFY_CLONE=1: {terms(switched)}" if switched else ""])  # fmt: skip
             rows.append([generation, "apply InstantID: first / re-apply on a cached model (70 SDXL patches)", "",
                          f"{b['first_apply_ms']:,.0f} / {b['reapply_ms']:,.1f} ms",
                          f"{p['first_apply_ms']:,.0f} / {p['reapply_ms']:,.1f} ms", ""])  # fmt: skip

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from instantid.testing.comfy_fixture import TestInstall, prepare_sibling, use_test_files
+from instantid.testing.comfy_install import install_clone_semantics
 from instantid.testing.comfy_server import ComfyServer, PromptRun
 from instantid.testing.comfy_server import comfy_server as running_server
 from instantid.testing.workflows import load_workflow, node_ids, set_inputs, to_api
@@ -93,3 +94,15 @@ def test_editing_the_second_face_weight_three_times_gives_the_first_runs_output(
         f"after {len(WEIGHTS) - 1} edits of the second face's weight the latent differs from the first run's "
         f"by {difference:.3g} (tolerance {tolerance:.3g}): the re-runs changed the cached first face's model"
     )
+
+
+def test_the_clone_semantics_folder_is_written_only_for_list_dict(tmp_path: Path) -> None:
+    assert install_clone_semantics(tmp_path, "installed") is None and not any(tmp_path.iterdir())
+    folder = install_clone_semantics(tmp_path, "list-dict")
+    assert folder is not None and sorted(p.name for p in folder.iterdir()) == [
+        "__init__.py",
+        "comfy_clone_semantics.py",
+    ]
+    assert "list_dict_clone" in (folder / "__init__.py").read_text()
+    with pytest.raises(ValueError, match="expected one of"):
+        install_clone_semantics(tmp_path / "other", "deepcopy")
