@@ -367,13 +367,13 @@ def main(argv: list[str]) -> int:
         baseline = rows[0][1]
         for name, row in rows[1:]:
             if row is not None and baseline is not None:
-                print(f"baseline / {name.strip():<28}{baseline['seconds'] / row['seconds']:>10.0f}x time")
+                print(f"baseline / {name.strip():<28}{baseline['seconds'] / row['seconds']:>10.1f}x time")
         print(
             f"second face re-run {args.edits}x on the first one's cached output (fresh run: 2 terms/key, upstream 1):"
         )
         for x in reruns:
             print(
-                f"  {x['layout']:<16} first apply {x['first_apply_ms']:8.0f} ms, re-apply {x['reapply_ms']:7.1f} ms, "
+                f"  {x['layout']:<25} first apply {x['first_apply_ms']:8.0f} ms, re-apply {x['reapply_ms']:7.1f} ms, "
                 f"terms per key: output {x['terms_output']}, cached upstream {x['terms_upstream']}"
             )
     data = {"comfyui": str(comfy.root), "dtype": args.dtype, "edits": args.edits, "adapter_bytes": adapter_bytes,
