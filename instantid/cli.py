@@ -1,5 +1,5 @@
-"""The ``instantid`` command: ``instantid doctor [MODELS_DIR]`` (console script after ``pip install``),
-also ``python -m instantid doctor [MODELS_DIR]`` from the pack's folder without installing it."""
+"""The ``instantid`` command: ``instantid doctor [MODELS_DIR]`` and ``instantid --version`` (console script
+after ``pip install``), also ``python -m instantid ...`` from the pack's folder without installing it."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import sys
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    from instantid import doctor
+    from instantid import __version__, doctor
 
     parser = argparse.ArgumentParser(prog=prog, description="InstantID tools.")
+    parser.add_argument("--version", action="version", version=f"instantid {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     add_doctor = commands.add_parser(
         "doctor",

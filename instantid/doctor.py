@@ -14,7 +14,15 @@
   unconfirmed candidates.
 
 Then, per architecture, whether the adapter, the IdentityNet and antelopev2 are all there and of the
-same architecture: ``readiness``. The exit status is 0 when at least one architecture is complete.
+same architecture: ``readiness``.
+
+The Python environment and ComfyUI (``check_environment``): one onnxruntime distribution (two, such as
+``onnxruntime`` beside ``onnxruntime-gpu``, overwrite each other's module: the CPU one, reinstalled by
+insightface's requirements, shadows the GPU one), a ``cv2`` that loads (``opencv-python`` needs libGL,
+often absent on headless servers: ``opencv-python-headless`` does not), and no other node pack in
+ComfyUI's ``custom_nodes`` registering this pack's node ids (``instantid.comfy.other_packs``).
+
+The exit status is 0 when at least one architecture is complete and the environment has no fault.
 
 Run it as ``python -m instantid.doctor [MODELS_DIR]`` or ``python -m instantid doctor [MODELS_DIR]`` from
 the pack's folder (no install needed), or ``instantid doctor`` after ``pip install``. The checks return
@@ -31,12 +39,24 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from instantid.face import ANTELOPEV2, DETECTOR_FILE, EMBEDDING_DIM, REQUIRED_FILES
+from instantid.face import (
+    ANTELOPEV2,
+    DETECTOR_FILE,
+    EMBEDDING_DIM,
+    PROVIDER_PACKAGES,
+    REQUIRED_FILES,
+    installed_distributions,
+    installed_onnxruntime_packages,
+)
 from instantid.layout import ARCH_NAMES, arch_for_context_dim
 
 INSIGHTFACE = "insightface antelopev2"
 ADAPTER = "InstantID adapter"
 CONTROLNET = "IdentityNet ControlNet"
+ONNXRUNTIME = "onnxruntime"
+OPENCV = "OpenCV (cv2)"
+NODE_PACKS = "node packs"
+ENVIRONMENT = (ONNXRUNTIME, OPENCV, NODE_PACKS)
 ANTELOPEV2_SUBDIR = Path("insightface") / "models" / ANTELOPEV2
 ADAPTER_SUBDIR = Path("instantid")
 CONTROLNET_SUBDIR = Path("controlnet")
@@ -376,6 +396,107 @@ def check_controlnet(models_dir: Path, archs: Iterable[str] = tuple(ARCH_NAMES))
     return findings
 
 
+# --- the environment -----------------------------------------------------------------------------
+
+ONNXRUNTIME_SWITCH = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
+HEADLESS_SWITCH = "pip uninstall -y opencv-python && pip install opencv-python-headless"
+OPENCV_PACKAGES = ("opencv-python", "opencv-python-headless", "opencv-contrib-python", "opencv-contrib-python-headless")
+
+
+def check_onnxruntime() -> list[Finding]:
+    """One onnxruntime distribution, and the GPU providers of an installed ``onnxruntime-gpu`` present."""
+    here = Path(sys.prefix)
+    packages = installed_onnxruntime_packages()
+    if not packages:
+        return [Finding(ONNXRUNTIME, Status.MISSING, here, "no onnxruntime installed: pip install onnxruntime")]
+    try:
+        import onnxruntime
+
+        providers = list(onnxruntime.get_available_providers())
+    except Exception as error:  # an overwritten module may fail in many ways
+        return [Finding(ONNXRUNTIME, Status.WRONG, here, f"{', '.join(packages)} installed, import fails ({error})")]
+    names = [p.split()[0] for p in packages]
+    if len(names) > 1:
+        gpu = "CUDAExecutionProvider" in providers
+        effect = (
+            "the GPU providers are there now, but every reinstall of insightface's requirements puts the CPU files back"
+            if gpu
+            else "the module's files are the CPU package's, so the CUDA face provider is missing (face analysis runs on the CPU)"
+        )
+        detail = (
+            f"{' and '.join(packages)} are all installed: they write the same `onnxruntime` module, the last one "
+            f"installed wins ({effect}; providers now: {', '.join(providers)}). Keep one: {ONNXRUNTIME_SWITCH}"
+        )
+        return [Finding(ONNXRUNTIME, Status.WRONG, here, detail)]
+    if names == ["onnxruntime-gpu"] and "CUDAExecutionProvider" not in providers:
+        detail = (
+            f"{packages[0]} without its CUDA provider (providers: {', '.join(providers)}); reinstall it: "
+            f"{ONNXRUNTIME_SWITCH}"
+        )
+        return [Finding(ONNXRUNTIME, Status.WRONG, here, detail)]
+    hint = (
+        f'; for the "CUDA" face provider: {PROVIDER_PACKAGES["CUDAExecutionProvider"]}'
+        if "CUDAExecutionProvider" not in providers
+        else ""
+    )
+    return [Finding(ONNXRUNTIME, Status.OK, here, f"{packages[0]} (providers: {', '.join(providers)}){hint}")]
+
+
+def check_opencv() -> list[Finding]:
+    """``cv2`` loads (the keypoint image and insightface need it); one OpenCV distribution."""
+    here = Path(sys.prefix)
+    packages = installed_distributions(OPENCV_PACKAGES)
+    try:
+        import cv2
+    except ImportError as error:
+        message = str(error)
+        if any(lib in message for lib in ("libGL", "libgthread", "libX", "libSM", "libxcb")):
+            detail = (
+                f"cv2 cannot load: {message}. {', '.join(packages) or 'opencv-python'} is the GUI build, which "
+                f"needs system display libraries a headless server lacks; use the headless build: {HEADLESS_SWITCH} "
+                "(or install the system library, e.g. apt-get install libgl1 libglib2.0-0)"
+            )
+        else:
+            detail = f"cv2 cannot load: {message}. Reinstall it: {HEADLESS_SWITCH}"
+        return [Finding(OPENCV, Status.WRONG, here, detail)]
+    version = getattr(cv2, "__version__", "?")
+    if len(packages) > 1:
+        detail = (
+            f"cv2 {version} loads, but {' and '.join(packages)} are all installed and write the same `cv2`; an "
+            f"update of either may break it. Keep one: {HEADLESS_SWITCH}"
+        )
+        return [Finding(OPENCV, Status.UNSURE, here, detail)]
+    return [Finding(OPENCV, Status.OK, here, f"cv2 {version} loads ({', '.join(packages) or 'distribution unknown'})")]
+
+
+def custom_nodes_dir(models_dir: Path) -> Path | None:
+    """ComfyUI's ``custom_nodes`` beside ``models_dir`` (``<ComfyUI>/models``), else the folder this pack
+    is cloned into, else None."""
+    beside = models_dir.resolve().parent / "custom_nodes"
+    if beside.is_dir():
+        return beside
+    pack = Path(__file__).resolve().parents[1]
+    return pack.parent if pack.parent.name == "custom_nodes" else None
+
+
+def check_other_packs(custom_nodes: Path | None) -> list[Finding]:
+    """Other entries of ``custom_nodes`` registering this pack's node ids (``instantid.comfy.other_packs``)."""
+    from instantid.comfy.other_packs import describe, find_other_packs
+
+    if custom_nodes is None:
+        return []
+    own = Path(__file__).resolve().parents[1]
+    packs = find_other_packs([custom_nodes], own)
+    if not packs:
+        return [Finding(NODE_PACKS, Status.OK, custom_nodes, "no other pack registers the InstantID node ids")]
+    return [Finding(NODE_PACKS, Status.WRONG, pack.path, describe([pack], own)) for pack in packs]
+
+
+def check_environment(custom_nodes: Path | None) -> list[Finding]:
+    """onnxruntime, OpenCV and the other node packs in ``custom_nodes`` (skipped when None)."""
+    return check_onnxruntime() + check_opencv() + check_other_packs(custom_nodes)
+
+
 # --- per architecture ----------------------------------------------------------------------------
 
 
@@ -481,8 +602,10 @@ def format_report(models_dir: Path, findings: Iterable[Finding]) -> str:
     mismatch = _mismatch_line(states)
     lines += [mismatch] if mismatch else []
     ready = [ARCH_NAMES[s.arch] for s in states if s.ready]
-    wrong = sum(f.status is Status.WRONG for f in findings)
+    wrong = sum(f.status is Status.WRONG and f.component not in ENVIRONMENT for f in findings)
+    faults = sum(f.status in (Status.WRONG, Status.MISSING) and f.component in ENVIRONMENT for f in findings)
     note = f" {wrong} wrong file(s) listed above." if wrong else ""
+    note += f" {faults} environment fault(s) listed above: InstantID will not run right until fixed." if faults else ""
     if ready:
         lines.append(f"Ready for {' and '.join(ready)}.{note}")
     else:
@@ -497,8 +620,9 @@ def format_report(models_dir: Path, findings: Iterable[Finding]) -> str:
 DESCRIPTION = (
     "Check MODELS_DIR for insightface/models/antelopev2, instantid/ and controlnet/; print what is present, "
     "missing or wrong and where each file belongs, and per base model (SD1.5, SDXL) whether the adapter, "
-    "the IdentityNet ControlNet and antelopev2 are complete and match. Exit status 0 when at least one base "
-    "model is ready, 1 when none is, 2 when MODELS_DIR is not a folder."
+    "the IdentityNet ControlNet and antelopev2 are complete and match; then onnxruntime, OpenCV and other node "
+    "packs registering the same node ids in ComfyUI's custom_nodes. Exit status 0 when at least one base model "
+    "is ready and the environment has no fault, 1 otherwise, 2 when MODELS_DIR is not a folder."
 )
 
 
@@ -523,8 +647,10 @@ def run(models_dir: Path | None = None) -> int:
         )
         return 2
     findings = diagnose(models_dir)
-    print(format_report(models_dir, findings))
-    return 0 if any(state.ready for state in readiness(findings)) else 1
+    environment = check_environment(custom_nodes_dir(models_dir))
+    print(format_report(models_dir, findings + environment))
+    ready = any(state.ready for state in readiness(findings))
+    return 0 if ready and not has_problems(environment) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,10 +151,15 @@ def installed_onnxruntime_packages() -> list[str]:
     More than one means the last one installed owns the module's files (usually the CPU ``onnxruntime``
     that insightface depends on, installed after ``onnxruntime-gpu``).
     """
+    return installed_distributions(ONNXRUNTIME_PACKAGES)
+
+
+def installed_distributions(names: Sequence[str]) -> list[str]:
+    """Those of the distributions ``names`` that are installed, as ``"name version"``, in ``names`` order."""
     from importlib import metadata
 
     found = []
-    for name in ONNXRUNTIME_PACKAGES:
+    for name in names:
         try:
             found.append(f"{name} {metadata.version(name)}")
         except metadata.PackageNotFoundError:
@@ -433,8 +438,8 @@ def analyze_faces(
         raise NoFaceDetectedError(
             f"No face detected in any of the {len(batch)} images{of} ({_sizes_tried(DETECTION_SIZES)})"
         )
-    for error in missing:
-        logger.warning("%s; image skipped", error)
+    for skipped in missing:
+        logger.warning("%s; image skipped", skipped)
     return results
 
 

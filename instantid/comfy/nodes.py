@@ -38,6 +38,7 @@ from instantid.comfy.conditioning import (
 )
 from instantid.comfy.errors import InstantIDNodeError
 from instantid.comfy.faces import embeddings, keypoint_images
+from instantid.comfy.other_packs import DISPLAY_NAMES
 from instantid.comfy.telemetry import install as install_telemetry
 from instantid.face import CombineMode, load_face_analysis
 from instantid.weights import InstantIDWeights, load_instantid
@@ -508,12 +509,4 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "ApplyInstantIDControlNet": ApplyInstantIDControlNet,
 }
 
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
-    "InstantIDModelLoader": "Load InstantID Model",
-    "InstantIDFaceAnalysis": "InstantID Face Analysis",
-    "ApplyInstantID": "Apply InstantID",
-    "ApplyInstantIDAdvanced": "Apply InstantID Advanced",
-    "FaceKeypointsPreprocessor": "Face Keypoints Preprocessor",
-    "InstantIDAttentionPatch": "InstantID Patch Attention",
-    "ApplyInstantIDControlNet": "InstantID Apply ControlNet",
-}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = dict(DISPLAY_NAMES)

@@ -74,7 +74,7 @@ class PromptRun:
 
     @property
     def status(self) -> dict[str, Any]:
-        return self.history.get("status", {})  # type: ignore[no-any-return]
+        return self.history.get("status", {})
 
     @property
     def ok(self) -> bool:
@@ -98,7 +98,7 @@ class PromptRun:
 
     @property
     def outputs(self) -> dict[str, Any]:
-        return self.history.get("outputs", {})  # type: ignore[no-any-return]
+        return self.history.get("outputs", {})
 
     def images(self) -> list[dict[str, str]]:
         """The ``{"filename", "subfolder", "type"}`` of every image the output nodes reported."""
@@ -187,7 +187,7 @@ class ComfyServer:
             req.add_header("Content-Type", "application/json")
         try:
             with urllib.request.urlopen(req, timeout=timeout) as response:
-                return response.read()  # type: ignore[no-any-return]
+                return response.read()
         except urllib.error.HTTPError as err:
             raise ServerError(f"{method} {path}: HTTP {err.code}: {err.read()[:4000]!r}") from err
         except urllib.error.URLError as err:
@@ -198,7 +198,7 @@ class ComfyServer:
 
     def object_info(self) -> dict[str, Any]:
         """``GET /object_info``: every node class with its inputs, outputs and display name."""
-        return self.get_json("/object_info")  # type: ignore[no-any-return]
+        return self.get_json("/object_info")
 
     def view(self, image: Mapping[str, str]) -> bytes:
         """``GET /view`` of one entry of :meth:`PromptRun.images`: the file's bytes."""

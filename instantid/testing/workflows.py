@@ -32,7 +32,7 @@ class WorkflowError(ValueError):
 
 def load_workflow(path: str | Path) -> dict[str, Any]:
     """Read a UI-format workflow file."""
-    return json.loads(Path(path).read_text())  # type: ignore[no-any-return]
+    return json.loads(Path(path).read_text())
 
 
 def _inputs(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -41,8 +41,9 @@ def _inputs(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def is_widget(spec: Any) -> bool:
-    """Whether an ``INPUT_TYPES`` entry is a widget (a value in the UI) rather than a link."""
-    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+    """Whether an ``INPUT_TYPES`` entry is a widget (a value in the UI) rather than a link: a V1 list of choices,
+    a V3 ``"COMBO"`` (its choices in ``spec[1]["options"]``), or a number, string or boolean."""
+    return isinstance(spec[0], list) or spec[0] == "COMBO" or spec[0] in WIDGET_TYPES
 
 
 def _extra_value_after(name: str, spec: Any) -> bool:

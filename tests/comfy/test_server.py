@@ -1,7 +1,7 @@
 """The pack as users run it: a real ComfyUI server (``main.py --cpu``) with this repository in ``custom_nodes``.
 
 Driven only over HTTP (``instantid.testing.comfy_server``): ``GET /object_info``, ``POST /prompt``
-with API-format graphs converted from the repository's ``examples/`` (``instantid.testing.workflows``),
+with API-format graphs converted from the test workflows in ``tests/comfy/workflows/`` (``instantid.testing.workflows``),
 ``/history`` for the outcome and ``/view`` for the image. SD1.5 architecture, random weights, one
 sampling step. Bad inputs must fail in the InstantID node with a clear message, and the server must
 run the next good prompt.
@@ -20,7 +20,7 @@ from instantid.testing.comfy_install import PACK_FOLDER
 from instantid.testing.comfy_server import ComfyServer, PromptRun
 from instantid.testing.workflows import load_workflow, node_ids, set_inputs, to_api
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES = Path(__file__).resolve().parent / "workflows"
 SEVEN = {
     "InstantIDModelLoader": ["instantid_file"],
     "InstantIDFaceAnalysis": ["provider"],
@@ -48,7 +48,7 @@ def object_info(comfy_server: ComfyServer) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def example(object_info: dict[str, Any], comfy_install: TestInstall) -> Any:
-    """``example(name)``: the API graph of ``examples/<name>.json`` on the test files, with one sampling step."""
+    """``example(name)``: the API graph of ``tests/comfy/workflows/<name>.json`` on the test files, with one sampling step."""
 
     @functools.cache
     def convert(name: str) -> dict[str, Any]:
@@ -91,12 +91,9 @@ def test_object_info_shows_the_seven_nodes_with_the_original_inputs(
         declared = [*spec["input"]["required"], *spec["input"].get("optional", {})]
         assert declared == inputs, name
         assert spec["category"] == "InstantID"
-    assert object_info["InstantIDFaceAnalysis"]["input"]["required"]["provider"][0] == [
-        "CPU",
-        "CUDA",
-        "ROCM",
-        "CoreML",
-    ]
+    provider = object_info["InstantIDFaceAnalysis"]["input"]["required"]["provider"]
+    choices = provider[1]["options"] if provider[0] == "COMBO" else provider[0]  # the V3 form / the V1 form
+    assert choices == ["CPU", "CUDA", "ROCM", "CoreML"]
     assert object_info["ApplyInstantID"]["output"] == ["MODEL", "CONDITIONING", "CONDITIONING"]
     assert object_info["InstantIDAttentionPatch"]["output"] == ["MODEL", "FACE_EMBEDS"]
 

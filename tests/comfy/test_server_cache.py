@@ -11,7 +11,7 @@ from instantid.testing.comfy_fixture import TestInstall, use_test_files
 from instantid.testing.comfy_server import ComfyServer
 from instantid.testing.workflows import load_workflow, set_inputs, to_api
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES = Path(__file__).resolve().parent / "workflows"
 
 
 def _graph(server: ComfyServer, install: TestInstall) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Saved workflows load onto this pack unchanged: its own ``examples/``, and the original pack's when given.
+"""Saved workflows load onto this pack unchanged: its templates and test workflows, and the original pack's.
 
 The repository is loaded the way ComfyUI loads a clone in ``custom_nodes/`` (its own
 ``nodes.load_custom_node`` on the repository folder); then every node of each saved workflow whose
@@ -6,10 +6,11 @@ type is an InstantID node must resolve to this pack, its ``widgets_values`` must
 widget inputs in ``INPUT_TYPES`` order (types, ranges, combo choices), and its links must meet
 inputs and outputs of the types the workflow recorded.
 
-The workflows are the repository's ``examples/*.json`` and, when ``$INSTANTID_STOCK_WORKFLOWS``
+The workflows are the repository's ``example_workflows/*.json`` (the templates ComfyUI lists) and
+``tests/comfy/workflows/*.json`` (small test workflows) and, when ``$INSTANTID_STOCK_WORKFLOWS``
 names a folder, every ``*.json`` in it: ComfyUI_InstantID's published examples (``examples/`` of
 github.com/cubiq/ComfyUI_InstantID), the compatibility check. Without it that case reports a skip.
-(``tests/comfy/test_server.py`` runs the examples on a real server.)
+(``tests/comfy/test_server.py`` and ``tests/comfy/test_templates.py`` run them on a real server.)
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from cow_model.comfy import ENV_VAR
 from instantid.testing import comfyui
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+OWN_WORKFLOWS = (REPO_ROOT / "example_workflows", Path(__file__).resolve().parent / "workflows")
+"""This pack's workflows: the templates, and the small test workflows."""
 STOCK_WORKFLOWS_ENV = "INSTANTID_STOCK_WORKFLOWS"
 """A folder of ComfyUI_InstantID's saved workflows to check as well (``InstantID_basic.json``, ...)."""
 
 
 def _workflow_files() -> list[Any]:
-    files: list[Any] = sorted((REPO_ROOT / "examples").glob("*.json"))
+    files: list[Any] = sorted(path for folder in OWN_WORKFLOWS for path in folder.glob("*.json"))
     stock = os.environ.get(STOCK_WORKFLOWS_ENV)
     if stock:
         found = sorted(Path(stock).expanduser().glob("*.json"))
@@ -82,7 +85,7 @@ def instantid_models(comfy: comfyui.ComfyUI, tmp_path_factory: pytest.TempPathFa
     """A models/instantid folder holding the adapter the workflows name, registered with ComfyUI."""
     folder = tmp_path_factory.mktemp("instantid")
     (folder / "ip-adapter.bin").write_bytes(b"")  # the name the original pack's workflows use
-    for path in (REPO_ROOT / "examples").glob("*.json"):
+    for path in (path for folder in OWN_WORKFLOWS for path in folder.glob("*.json")):
         for node in json.loads(path.read_text())["nodes"]:
             if node["type"] == "InstantIDModelLoader":
                 (folder / node["widgets_values"][0]).write_bytes(b"")
@@ -95,8 +98,17 @@ def _workflow(path: Path) -> dict[str, Any]:
 
 
 def _inputs(node_class: type) -> dict[str, Any]:
+    """The inputs as ComfyUI exposes them, in V1's shape: a V3 node's ``("COMBO", {"options": [...]})``
+    becomes ``([...], {...})`` without V3's ``multiselect`` flag, so both forms compare with one set of checks."""
     spec = node_class.INPUT_TYPES()  # type: ignore[attr-defined]
-    return {**spec.get("required", {}), **spec.get("optional", {})}
+
+    def v1_shape(entry: Any) -> Any:
+        if entry[0] != "COMBO":
+            return entry
+        options = {k: v for k, v in entry[1].items() if k not in ("options", "multiselect")}
+        return (entry[1]["options"], options) if options else (entry[1]["options"],)
+
+    return {name: v1_shape(e) for name, e in {**spec.get("required", {}), **spec.get("optional", {})}.items()}
 
 
 def _is_widget(spec: tuple[Any, ...]) -> bool:
@@ -119,8 +131,8 @@ def _check_widget(node: str, name: str, spec: tuple[Any, ...], value: Any) -> No
 def test_the_repository_loads_as_a_custom_node(comfy: comfyui.ComfyUI, pack: dict[str, type]) -> None:
     from instantid.comfy import nodes
 
-    for name in SEVEN:
-        assert pack[name] is nodes.NODE_CLASS_MAPPINGS[name]
+    for name in SEVEN:  # the V1 class, or the V3 node made from it (instantid.comfy.v3) where ComfyUI has V3
+        assert getattr(pack[name], "V1", pack[name]) is nodes.NODE_CLASS_MAPPINGS[name]
         assert comfy.nodes.NODE_DISPLAY_NAME_MAPPINGS[name] == nodes.NODE_DISPLAY_NAME_MAPPINGS[name]
         node_class = pack[name]
         assert node_class.CATEGORY == "InstantID"  # type: ignore[attr-defined]
@@ -213,7 +225,11 @@ def test_interface_matches_comfyui_instantid(pack: dict[str, type]) -> None:
     assert links["ApplyInstantIDControlNet"] == ["face_embeds", "control_net", "image_kps", "positive", "negative", "mask"]
     assert links["InstantIDAttentionPatch"] == ["instantid", "insightface", "image", "model", "mask"]
     assert links["FaceKeypointsPreprocessor"] == ["faceanalysis", "image"]
-    returns = {name: (pack[name].RETURN_TYPES, pack[name].FUNCTION) for name in SEVEN}  # type: ignore[attr-defined]
+    # outputs as registered; the function name is the V1 class's (a V3 node runs ComfyUI's own EXECUTE_NORMALIZED)
+    returns = {
+        name: (tuple(pack[name].RETURN_TYPES), getattr(pack[name], "V1", pack[name]).FUNCTION)  # type: ignore[attr-defined]
+        for name in SEVEN
+    }
     assert returns == {
         "InstantIDModelLoader": (("INSTANTID",), "load_model"),
         "InstantIDFaceAnalysis": (("FACEANALYSIS",), "load_insight_face"),

@@ -411,3 +411,67 @@ def test_controlnet_headers(
     save_file({k: torch.zeros(shape, dtype=torch.float16) for k, shape in keys.items()}, str(path))
     (finding,) = [f for f in diagnose(tmp_path) if f.component == CONTROLNET]
     assert finding.status is status and detail in finding.detail
+
+
+# --- the environment: onnxruntime, OpenCV, other node packs ---------------------------------------
+
+STOCK_PACK_SOURCE = '''
+class InstantIDModelLoader: ...
+NODE_CLASS_MAPPINGS = {
+    "InstantIDModelLoader": InstantIDModelLoader,
+    "InstantIDFaceAnalysis": InstantIDModelLoader,
+    "ApplyInstantID": InstantIDModelLoader,
+}
+'''
+
+
+def broken_environment(site: Path) -> Path:
+    """A folder to put first on ``PYTHONPATH``: the files pip leaves for an ``onnxruntime-gpu`` installed
+    beside the CPU ``onnxruntime`` whose module files won (its dist-info only), and a ``cv2`` whose import
+    fails as opencv-python's does on a server without libGL (a stand-in raising that error: this machine
+    has libGL)."""
+    info = site / "onnxruntime_gpu-1.20.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-gpu\nVersion: 1.20.0\n")
+    (site / "cv2").mkdir()
+    (site / "cv2" / "__init__.py").write_text(
+        'raise ImportError("libGL.so.1: cannot open shared object file: No such file or directory")\n'
+    )
+    return site
+
+
+def test_environment_faults_are_reported_with_their_fix(tmp_path: Path, complete_sdxl: Path) -> None:
+    """Complete SDXL models, but onnxruntime shadowing onnxruntime-gpu, a cv2 that cannot load libGL and
+    the original pack in custom_nodes: each is reported with its fix, and the exit status is 1."""
+    from instantid.doctor import HEADLESS_SWITCH, ONNXRUNTIME_SWITCH
+
+    comfyui = tmp_path / "ComfyUI"
+    stock = comfyui / "custom_nodes" / "ComfyUI_InstantID"
+    stock.mkdir(parents=True)
+    (stock / "InstantID.py").write_text(STOCK_PACK_SOURCE)
+    (comfyui / "custom_nodes" / "ComfyUI_InstantID_old.disabled").mkdir()  # ComfyUI skips it: not reported
+    (comfyui / "custom_nodes" / "ComfyUI_InstantID_old.disabled" / "x.py").write_text(STOCK_PACK_SOURCE)
+    complete_sdxl.rename(comfyui / "models")
+    site = broken_environment(tmp_path / "site")
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_MODELS"} | {"PYTHONPATH": f"{site}:{REPO}"}
+    run = subprocess.run(
+        [sys.executable, "-m", "instantid", "doctor", str(comfyui / "models")],
+        cwd=REPO, capture_output=True, text=True, env=env, check=False,
+    )
+    out = run.stdout
+    assert run.returncode == 1, out + run.stderr
+    assert "onnxruntime-gpu 1.20.0" in out and "the last one installed wins" in out and ONNXRUNTIME_SWITCH in out
+    assert "libGL.so.1" in out and HEADLESS_SWITCH in out
+    assert f"{stock} (InstantIDModelLoader, InstantIDFaceAnalysis, ApplyInstantID)" in out
+    assert "'.disabled'" in out and ".disabled (" not in out
+    assert "Ready for SDXL. 3 environment fault(s) listed above" in out
+
+
+def test_a_clean_environment_is_ok(tmp_path: Path) -> None:
+    from instantid.doctor import ENVIRONMENT, check_environment
+
+    (tmp_path / "custom_nodes" / "SomeOtherPack").mkdir(parents=True)
+    (tmp_path / "custom_nodes" / "SomeOtherPack" / "nodes.py").write_text('NODE_CLASS_MAPPINGS = {"Other": 1}\n')
+    findings = check_environment(tmp_path / "custom_nodes")
+    assert [f.component for f in findings] == list(ENVIRONMENT)
+    assert [f.status for f in findings] == [Status.OK] * 3, findings
