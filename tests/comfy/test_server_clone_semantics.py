@@ -83,7 +83,7 @@ def test_editing_the_second_face_weight_three_times_gives_the_first_runs_output(
         )
     latents = []
     for i, weight in enumerate(WEIGHTS):
-        run = server.run(_graph(server, comfy_install, weight))
+        run = server.run(_graph(server, comfy_install, weight), timeout=900)  # a loaded shared machine
         latents.append(_latent(server, run))
         if i:
             first_face, second_face = node_ids(_graph(server, comfy_install, weight), "ApplyInstantID")
