@@ -339,7 +339,8 @@ class InstantIDCaches:
         on besides the model), kept per model (weakly), :func:`model_fingerprint` and ``inputs``.
 
         A kept model whose patches were changed in place since (another pack's ``add`` through a clone
-        that shared them) is rebuilt and kept anew, counted as ``invalidated``."""
+        that shared them) is rebuilt and kept anew in the same entry, counted as ``invalidated`` (the
+        entry's byte count stays the first build's: the rebuild holds the same cached K/V)."""
         key = ("model", model, model_fingerprint(model), inputs)
         if "models" not in self.layers:
             return build()

@@ -1,9 +1,9 @@
 """Put one face's identity attention on a clone of a ComfyUI model.
 
 ``apply_identity`` clones the ``ModelPatcher`` (ComfyUI's own ``clone()``), precomputes the
-identity K/V of every cross-attention layer once, and adds one ``IdentityTerm`` per layer to the
-clone's attn2 replace patches (the K/V kept in ``instantid.cache``'s ``kv`` layer). The model it
-was given is never changed, and the adapter's
+identity K/V of every cross-attention layer once, and puts one ``IdentityTerm`` per layer into
+new attn2 replace patches of the clone (the K/V kept in ``instantid.cache``'s ``kv`` layer). The
+model it was given is never changed, under either generation of ``clone()``, and the adapter's
 tensors are only read: the patches hold the K/V (a few MiB), not the adapter.
 """
 
@@ -102,8 +102,9 @@ def apply_identity(
     """A clone of ``model`` with this identity added to every cross-attention layer.
 
     ``cond_tokens``/``uncond_tokens`` are the Resampler's outputs ``[n, 16, C]``. Patches already
-    on ``model`` (an earlier face, another pack's) stay and are copied into the clone, where this
-    identity is added to them; ``model``'s own patches are not touched.
+    on ``model`` (an earlier face, another pack's) stay: the clone gets new patch objects holding
+    their terms and this identity's (``add_identity_patch``); no patch object ``model`` holds is
+    changed, whether ComfyUI's ``clone()`` copies them or shares them.
     """
     sites = matching_sites(model, weights)
     mask = check_mask(mask)

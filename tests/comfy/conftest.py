@@ -10,7 +10,8 @@ Fixtures (stable names, used by the node-pack tests too):
   temporary folder registered with ComfyUI's ``loras`` paths, returns the ``lora_name`` for
   ``LoraLoaderModelOnly``.
 
-* ``face_app`` (session): insightface's ``FaceAnalysis`` on small random antelopev2-layout models.
+* ``caches``: fresh process-wide InstantID caches (``instantid.cache.configure(max_mb=64, max_entries=16)``).
+* ``face_app`` (module): insightface's ``FaceAnalysis`` on small random antelopev2-layout models.
 * ``comfy_install`` (session): a private ComfyUI base directory with this repository in its
   ``custom_nodes`` and the random-weight SD1.5 models, face models and images written
   (``instantid.testing.comfy_fixture.TestInstall``).
@@ -35,6 +36,7 @@ from typing import Any
 
 import pytest
 
+from instantid import cache as instantid_cache
 from instantid.testing import comfyui
 from instantid.testing.comfy_clone_semantics import SEMANTICS
 from instantid.testing.comfy_clone_semantics import clone_semantics as switched_clone
@@ -76,10 +78,18 @@ def _release_comfy_models() -> Iterator[None]:
         comfyui.release_models(comfyui.load_comfyui())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def face_app(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """insightface's FaceAnalysis on small random antelopev2-layout models (finds the test images' tagged faces)."""
+    """insightface's FaceAnalysis on small random antelopev2-layout models (finds the test images' tagged faces);
+    one per test module, as each module had before."""
     return small_face_analysis(tmp_path_factory.mktemp("insightface"))
+
+
+@pytest.fixture
+def caches() -> Iterator[instantid_cache.InstantIDCaches]:
+    """Fresh process-wide InstantID caches (64 MiB, 16 entries per layer) for the test; the defaults after it."""
+    yield instantid_cache.configure(max_mb=64, max_entries=16)
+    instantid_cache.configure()
 
 
 @pytest.fixture

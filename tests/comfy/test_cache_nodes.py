@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -28,12 +28,6 @@ from tests.comfy.instantid_helpers import (
 )
 
 LAYERS = instantid_cache.LAYERS
-
-
-@pytest.fixture
-def caches() -> Iterator[instantid_cache.InstantIDCaches]:
-    yield instantid_cache.configure(max_mb=64, max_entries=16)
-    instantid_cache.configure()
 
 
 class Counter:

@@ -14,8 +14,10 @@ names a checkout of it).
 from __future__ import annotations
 
 import gc
+import importlib
+import types
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -39,12 +41,6 @@ from tests.comfy.instantid_helpers import (
 IMAGE = face_image(40, 60)
 OTHER_IMAGE = face_image(700, 300)
 SDXL_LAYERS = 70
-
-
-@pytest.fixture
-def caches() -> Iterator[instantid_cache.InstantIDCaches]:
-    yield instantid_cache.configure(max_mb=64, max_entries=16)
-    instantid_cache.configure()
 
 
 def run(comfy: comfyui.ComfyUI, face_app: Any, model: Any, image: torch.Tensor = IMAGE, weight: float = 0.8) -> Any:
@@ -247,3 +243,85 @@ def test_an_in_place_pack_accumulates_where_clone_shares_patches_until_cow_clone
         assert most_terms_after_three_edits(apply, base) == 1, "cow_model.comfy.install() must isolate the patches"
     finally:
         assert cow_comfy.uninstall() is True
+
+
+class ExecutorGraph:
+    """Node 1 (face A) then node 2 (face B, its weight edited) through ComfyUI's own ``execution.PromptExecutor``,
+    whose output cache keeps node 1's output between runs, as a ComfyUI server does between prompts. A sink
+    node records both nodes' output models each run."""
+
+    def __init__(self, comfy: comfyui.ComfyUI, face_app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        objects = {"model": shared_patcher(comfy, "sd15"), "adapter": shared_adapter(comfy, "sd15"),
+                   "face_app": face_app, "image_a": IMAGE, "image_b": OTHER_IMAGE}
+        self.seen: list[tuple[Any, Any]] = []
+        seen = self.seen
+
+        class TestObject:
+            RETURN_TYPES = ("*",)
+            FUNCTION = "get"
+            CATEGORY = "tests"
+
+            @classmethod
+            def INPUT_TYPES(cls) -> dict[str, Any]:
+                return {"required": {"name": ("STRING", {})}}
+
+            def get(self, name: str) -> tuple[Any]:
+                return (objects[name],)
+
+        class TestModels:
+            RETURN_TYPES = ()
+            FUNCTION = "keep"
+            OUTPUT_NODE = True
+            CATEGORY = "tests"
+
+            @classmethod
+            def INPUT_TYPES(cls) -> dict[str, Any]:
+                return {"required": {"first": ("MODEL",), "second": ("MODEL",)}}
+
+            def keep(self, first: Any, second: Any) -> tuple[()]:
+                seen.append((first, second))
+                return ()
+
+        mappings = comfy.nodes.NODE_CLASS_MAPPINGS
+        for name, node in {**pack_nodes(comfy).NODE_CLASS_MAPPINGS, "TestObject": TestObject, "TestModels": TestModels}.items():
+            monkeypatch.setitem(mappings, name, node)
+        self.execution = importlib.import_module("execution")
+        self.executor = self.new_executor()
+
+    def new_executor(self) -> Any:
+        server = types.SimpleNamespace(client_id=None, last_node_id=None, send_sync=lambda *args, **kwargs: None)
+        return self.execution.PromptExecutor(server)
+
+    def run(self, weight: float, executor: Any = None) -> tuple[Any, Any]:
+        def obj(name: str) -> dict[str, Any]:
+            return {"class_type": "TestObject", "inputs": {"name": name}}
+
+        def face(image: str, model: list[Any], weight: float) -> dict[str, Any]:
+            return {"class_type": "InstantIDAttentionPatch", "inputs": {
+                "instantid": ["2", 0], "insightface": ["3", 0], "image": [image, 0], "model": model,
+                "weight": weight, "start_at": 0.0, "end_at": 1.0}}
+
+        graph = {"1": obj("model"), "2": obj("adapter"), "3": obj("face_app"), "4": obj("image_a"), "5": obj("image_b"),
+                 "10": face("4", ["1", 0], 0.8), "11": face("5", ["10", 0], weight),
+                 "20": {"class_type": "TestModels", "inputs": {"first": ["10", 0], "second": ["11", 0]}}}
+        executor = executor or self.executor
+        executor.execute(graph, f"prompt-{len(self.seen)}", {}, ["20"])
+        errors = [data for event, data in executor.status_messages if event == "execution_error"]
+        assert executor.success and not errors, errors
+        return self.seen[-1]
+
+
+def test_rerunning_the_second_node_through_comfyuis_executor(
+    comfy: comfyui.ComfyUI, face_app: Any, caches: instantid_cache.InstantIDCaches, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    graph = ExecutorGraph(comfy, face_app, monkeypatch)
+    first, _ = graph.run(0.4)
+    before = terms_of(first)
+    for weight in (0.5, 0.6, 0.7):
+        cached_first, second = graph.run(weight)
+        assert cached_first is first, "ComfyUI's output cache must have kept node 1's output"
+        assert term_counts(second) == {2}, f"weight {weight}: terms accumulated"
+        assert_unchanged(first, before, f"after the re-run with weight {weight}, node 1's cached output")
+    instantid_cache.configure(max_mb=64, max_entries=16)
+    _, fresh = graph.run(0.7, graph.new_executor())
+    assert same_terms(identity_terms(second), identity_terms(fresh)), "the re-run's model is not a fresh run's"
