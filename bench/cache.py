@@ -1,6 +1,6 @@
 """The InstantID caches on and off, in issue 9's user scenarios, through ComfyUI's own executor.
 
-``python -m bench cache [--face-models real|small] [--repeat N] [--edits N]``
+``python -m bench cache [--face-models real|small] [--repeat N] [--edits N] [--clone-semantics deepcopy|list-dict|both]``
 
 Each scenario is a sequence of API-format graphs run by ``execution.PromptExecutor`` of the installed
 ComfyUI (in-process, its own output cache active, one executor per sequence as one server would keep):
@@ -15,15 +15,21 @@ around the node's function inside the executor), and whether every run's sampled
 between the two.
 
 (a) 20 prompt edits; (b) an ``ip_weight`` sweep of 10 values (``ApplyInstantIDAdvanced``); (c) 10 runs
-alternating between two reference faces; (d) two faces with masks, 10 edits of the prompt.
+alternating between two reference faces; (d) two faces with masks, 10 edits of the prompt; (e) two faces
+with masks, the second face's weight edited 5 times (ComfyUI re-runs the second node on the first one's
+cached output). Per scenario also: whether the last run's latent equals that of a fresh executor running
+only the last graph (caches off), for both sequences: a pack whose re-runs change a cached model fails it.
+
+Everything runs once per clone semantics (``--clone-semantics``, ``bench/_semantics.py``): ComfyUI until
+2026-01 (``copy.deepcopy``) and since 2026-02 (``deepcopy_list_dict``, PR #12382).
 
 ``--face-models real`` (default) uses the real-cost antelopev2 stand-ins of
 ``instantid.testing.face_models.real_cost_root`` (SCRFD-10G and iResNet-100 compute, built once into
 the user's cache folder); ``small`` the tiny ones. Also timed, outside the executor:
 ``InstantIDAttentionPatch`` uncached, re-run with the same inputs, and with a new weight only.
 
-Not here: the stock-layout baseline (the original pack defers K/V to sampling; see ``bench workflow``),
-full-size UNet widths, GPU.
+Not here: the stock-layout baseline in the executor (the original pack defers K/V to sampling; see
+``bench workflow``; its accumulation on re-runs: ``bench comfy_clone``), full-size UNet widths, GPU.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from typing import Any
 
 import torch
 
+from bench._semantics import GENERATION, chosen, in_process
+from bench._semantics import add_option as semantics_option
 from bench.comfy_clone import stock_pack_model
 from instantid import cache as instantid_cache
 from instantid.attention import face_tokens
@@ -187,7 +195,7 @@ def _graph(
         if advanced:
             inputs |= {"ip_weight": ip_weight, "cn_strength": 0.8, "noise": 0.0, "combine_embeds": "average"}
         else:
-            inputs["weight"] = 0.8
+            inputs["weight"] = face.get("weight", 0.8)
         graph[node] = {
             "class_type": "ApplyInstantIDAdvanced" if advanced else "ApplyInstantID",
             "inputs": inputs,
@@ -246,6 +254,9 @@ def _scenarios(edits: int) -> dict[str, list[Graph]]:
             _graph([{"image": "face_a" if i % 2 == 0 else "face_b"}], prompt=0) for i in range(10)
         ],
         "(d) two faces + masks, 10 prompt edits": [_graph(two, prompt=i) for i in range(10)],
+        "(e) two faces + masks, second face's weight edited x5": [
+            _graph([two[0], {**two[1], "weight": w}], prompt=0) for w in (0.8, 1.1, 1.4, 1.7, 2.0)
+        ],
     }
 
 
@@ -276,6 +287,10 @@ def _executor_scenarios(comfy: Any, app: Any, edits: int) -> list[dict[str, Any]
         equal = len(uncached["latents"]) == len(cached["latents"]) and all(
             torch.equal(u, c) for u, c in zip(uncached["latents"], cached["latents"], strict=True)
         )
+        (fresh,) = _run_sequence(execution, bench, graphs[-1:], cached=False)["latents"]
+        fresh_equal = torch.equal(uncached["latents"][-1], fresh) and torch.equal(
+            cached["latents"][-1], fresh
+        )
         per_run = len(uncached["node_ms"]) // len(graphs)
         results.append(
             {
@@ -289,6 +304,7 @@ def _executor_scenarios(comfy: Any, app: Any, edits: int) -> list[dict[str, Any]
                 "uncached_ms": statistics.median(uncached["node_ms"][per_run:]),
                 "cached_ms": statistics.median(cached["node_ms"][per_run:]),
                 "bit_equal": equal,
+                "fresh_equal": fresh_equal,
             }
         )
         r = results[-1]
@@ -296,7 +312,8 @@ def _executor_scenarios(comfy: Any, app: Any, edits: int) -> list[dict[str, Any]
             f"{name}: hit rate {100 * r['hit_rate']:.1f}% "
             f"({', '.join(f'{k} {h}/{n}' for k, (h, n) in r['layers'].items())}); "
             f"InstantID node after run 1: uncached {r['uncached_ms']:.1f} ms, cached {r['cached_ms']:.2f} ms "
-            f"({100 * r['cached_ms'] / r['uncached_ms']:.1f}%); outputs bit-equal: {equal}",
+            f"({100 * r['cached_ms'] / r['uncached_ms']:.1f}%); outputs bit-equal: {equal}; "
+            f"last run equals a fresh executor's: {fresh_equal}",
             flush=True,
         )
     comfyui.release_models(comfy)
@@ -357,6 +374,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)"
     )
+    semantics_option(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -368,11 +386,16 @@ def main(argv: list[str]) -> int:
         "Resampler; ComfyUI's PromptExecutor, KSampler 1 step at 64 px",
         flush=True,
     )
-    patch = _attention_patch(comfy, app, args.repeat)
-    scenarios = _executor_scenarios(comfy, app, args.edits)
+    runs = []
+    for semantics in chosen(args.clone_semantics):
+        print(f"\n== {GENERATION[semantics]}", flush=True)
+        with in_process(comfy, semantics):
+            patch = _attention_patch(comfy, app, args.repeat)
+            scenarios = _executor_scenarios(comfy, app, args.edits)
+        runs.append({"clone_semantics": semantics, "attention_patch": patch, "scenarios": scenarios})
     out = Path("bench-out")
     out.mkdir(exist_ok=True)
-    result = {"face_models": args.face_models, "attention_patch": patch, "scenarios": scenarios}
+    result = {"face_models": args.face_models, "runs": runs}
     (out / "cache.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {out / 'cache.json'}")
     return 0

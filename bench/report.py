@@ -15,8 +15,9 @@ folder (each written by its bench; a missing one is skipped with a note) and wri
   (``bench/serve.py`` writes it too).
 
 ``--readme`` rewrites the table between ``<!-- bench:workflow:start -->`` and
-``<!-- bench:workflow:end -->`` in the README from ``workflow.json``: the whole-workflow savings
-next to the targets, and the machine it was measured on.
+``<!-- bench:workflow:end -->`` in the README from ``workflow.json`` (and ``comfy_clone.json`` when there):
+the whole-workflow savings next to the targets, the downstream clone and the re-runs of a second face,
+each row naming the ComfyUI generation (clone semantics) it was measured under, and the machine.
 """
 
 from __future__ import annotations
@@ -26,12 +27,18 @@ import re
 from pathlib import Path
 from typing import Any
 
+from bench._semantics import SEMANTICS
 from bench.results import OUT_DIR, REPOSITORY_ROOT, describe_machine, markdown_table, read_result
 from bench.serve import plot as plot_serve_rows
 
 MiB = 1024 * 1024
 BASELINE = "original layout"
 PACK = "this pack"
+GENERATION_SHORT = {
+    "deepcopy": "until 2026-01 (clone deep-copies)",
+    "list-dict": "since 2026-02 (clone shares)",
+}
+"""The ComfyUI generation of each clone semantics, as the headline table's first column names it."""
 START, END = "<!-- bench:workflow:start -->", "<!-- bench:workflow:end -->"
 
 
@@ -50,11 +57,22 @@ def replace_between_markers(text: str, body: str, start: str = START, end: str =
 # --- the headline table -------------------------------------------------------------------------
 
 
-def _rows(data: dict[str, Any], arch: str, scenario: str, **where: int) -> dict[str, dict[str, Any]]:
-    """Summary rows of one (arch, scenario[, faces, clones]) point by variant."""
+def _semantics(row: dict[str, Any]) -> str:
+    return str(row.get("clone_semantics", "deepcopy"))  # results written before the option: deepcopy
+
+
+def _rows(
+    data: dict[str, Any], arch: str, scenario: str, semantics: str = "deepcopy", **where: int
+) -> dict[str, dict[str, Any]]:
+    """Summary rows of one (arch, clone semantics, scenario[, faces, clones]) point by variant."""
     out = {}
     for r in data.get("summary", []):
-        if r["arch"] == arch and r["scenario"] == scenario and all(r[k] == v for k, v in where.items()):
+        if (
+            r["arch"] == arch
+            and r["scenario"] == scenario
+            and _semantics(r) == semantics
+            and all(r[k] == v for k, v in where.items())
+        ):
             out[r["variant"]] = r
     return out
 
@@ -71,19 +89,32 @@ def _mib(value: float | None) -> str:
     return "–" if value is None else f"{value / MiB:,.0f} MiB"
 
 
-def _largest(data: dict[str, Any], arch: str, scenario: str, key: str) -> int | None:
-    values = [r[key] for r in data.get("summary", []) if r["arch"] == arch and r["scenario"] == scenario]
+def _largest(data: dict[str, Any], arch: str, scenario: str, key: str, semantics: str) -> int | None:
+    values = [
+        r[key]
+        for r in data.get("summary", [])
+        if r["arch"] == arch and r["scenario"] == scenario and _semantics(r) == semantics
+    ]
     return max(values) if values else None
 
 
 def headline_rows(data: dict[str, Any]) -> list[list[str]]:
-    """Rows ``[measure, target, baseline, this pack, saved]`` per architecture in ``data`` (workflow.json)."""
+    """Rows ``[ComfyUI, measure, target, baseline, this pack, saved]`` per clone semantics and architecture."""
     rows: list[list[str]] = []
-    archs = sorted({r["arch"] for r in data.get("summary", [])})
+    present = {_semantics(r) for r in data.get("summary", [])}
+    for semantics in [s for s in SEMANTICS if s in present]:
+        for row in _workflow_rows(data, semantics):
+            rows.append([GENERATION_SHORT[semantics], *row])
+    return rows
+
+
+def _workflow_rows(data: dict[str, Any], semantics: str) -> list[list[str]]:
+    rows: list[list[str]] = []
+    archs = sorted({r["arch"] for r in data.get("summary", []) if _semantics(r) == semantics})
     for arch in archs:
         plan = data.get("plans", {}).get(arch, {})
         setting = f"{arch}, {plan.get('size', '?')} px, {plan.get('steps', '?')} step(s)"
-        edits = _rows(data, arch, "edits")
+        edits = _rows(data, arch, "edits", semantics)
         if BASELINE in edits and PACK in edits:
             b, p = edits[BASELINE], edits[PACK]
             saved = b["seconds"] - p["seconds"]
@@ -96,7 +127,7 @@ def headline_rows(data: dict[str, Any]) -> list[list[str]]:
             rows.append([f"  of which InstantID + cloning nodes, {arch}", "",
                          _ms(b["clone_seconds"] + b["instantid_seconds"]),
                          _ms(p["clone_seconds"] + p["instantid_seconds"]), _ms(cloning)])  # fmt: skip
-        two = _rows(data, arch, "two_faces")
+        two = _rows(data, arch, "two_faces", semantics)
         if BASELINE in two and PACK in two:
             b, p = two[BASELINE], two[PACK]
             saved = b["seconds"] - p["seconds"]
@@ -114,8 +145,8 @@ def headline_rows(data: dict[str, Any]) -> list[list[str]]:
                              f"{_mib(vram)} ({_share(vram, b['vram_max_allocated'])})"])  # fmt: skip
             else:
                 rows.append([f"peak VRAM, {arch}", "50% less", "not measured (no GPU)", "–", "–"])
-        most = _largest(data, arch, "clones", "clones")
-        wide = _rows(data, arch, "clones", clones=most) if most is not None else {}
+        most = _largest(data, arch, "clones", "clones", semantics)
+        wide = _rows(data, arch, "clones", semantics, clones=most) if most is not None else {}
         if BASELINE in wide and PACK in wide:
             b, p = wide[BASELINE], wide[PACK]
             saved = b["seconds"] - p["seconds"]
@@ -125,10 +156,46 @@ def headline_rows(data: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def headline(data: dict[str, Any]) -> str:
-    """The README's table (markdown) with the machine and the command under it."""
-    headers = ["measure (median per prompt)", "target", BASELINE, PACK, "saved"]
-    table = markdown_table(headers, headline_rows(data))
+def clone_rows(clone: dict[str, Any]) -> list[list[str]]:
+    """Rows of ``comfy_clone.json`` per clone semantics: a downstream clone, and re-runs of a second face."""
+    rows: list[list[str]] = []
+    for result in clone.get("results", []):
+        generation = GENERATION_SHORT[result["clone_semantics"]]
+        by_name = {name.strip(): row for name, row in result["clones"]}
+        stock = by_name.get(f"{BASELINE}, stock clone()")
+        pack = by_name.get("(iii) this pack, stock clone()")
+        if stock is not None and pack is not None:
+            rows.append([generation, "downstream clone() of 70 SDXL patches, full-size adapter (in-process)", "",
+                         f"{stock['seconds'] * 1e3:,.2f} ms, +{_mib(stock['tensors'])}",
+                         f"{pack['seconds'] * 1e3:,.2f} ms, +{_mib(pack['tensors'])}",
+                         _ms(stock["seconds"] - pack["seconds"]) if stock["seconds"] > 1e-3 else "none: both share"])  # fmt: skip
+        reruns = {x["layout"]: x for x in result["reruns"]}
+        if BASELINE in reruns and PACK in reruns:
+            b, p = reruns[BASELINE], reruns[PACK]
+
+            def terms(x: dict[str, Any]) -> str:
+                ok = x["terms_output"] == 2 and x["terms_upstream"] == 1
+                return f"{x['terms_output']} / {x['terms_upstream']}{'' if ok else ' (wrong)'}"
+
+            switched = reruns.get(f"{BASELINE} + switch")
+            rows.append([generation, f"terms per patch key after {clone.get('edits', '?')} re-runs of a 2nd face, "
+                         "output / cached upstream (fresh run: 2 / 1)", "2 / 1", terms(b), terms(p),
+                         f"{BASELINE} + COW_MODEL_COMFY_CLONE=1: {terms(switched)}" if switched else ""])  # fmt: skip
+            rows.append([generation, "apply InstantID on 70 SDXL layers: first / re-apply on a cached model (this pack computes the "
+                         "face's K/V once; the original computes them at every sampling step)", "",
+                         f"{b['first_apply_ms']:,.0f} / {b['reapply_ms']:,.1f} ms",
+                         f"{p['first_apply_ms']:,.0f} / {p['reapply_ms']:,.1f} ms", ""])  # fmt: skip
+        held = result.get("held_bytes")
+        if held:
+            rows.append([generation, "tensors the patches hold while sampling (adapter vs K/V)", "",
+                         _mib(held["stock"]), _mib(held["pack"]), _mib(held["stock"] - held["pack"])])  # fmt: skip
+    return rows
+
+
+def headline(data: dict[str, Any], clone: dict[str, Any] | None = None) -> str:
+    """The README's table (markdown) with the machine and the commands under it."""
+    headers = ["ComfyUI", "measure (median per prompt)", "target", BASELINE, PACK, "saved"]
+    table = markdown_table(headers, headline_rows(data) + (clone_rows(clone) if clone else []))
     device = data.get("device", "cpu")
     note = (
         f"Measured {data.get('created', '?')[:10]} with `python -m bench workflow{' --quick' if data.get('quick') else ''}"
@@ -136,6 +203,11 @@ def headline(data: dict[str, Any]) -> str:
         f"baseline: {data.get('baseline', '?')}. Generated by `python -m bench report --readme` from "
         "`bench-out/workflow.json`."
     )
+    if clone:
+        note += (
+            f" Clone and re-run rows: `python -m bench comfy_clone --clone-semantics both` "
+            f"({clone.get('created', '?')[:10]}, {describe_machine(clone.get('machine', {}))})."
+        )
     return table + "\n" + note + "\n"
 
 
@@ -274,7 +346,7 @@ def main(argv: list[str]) -> int:
         print(f"no {args.out / 'workflow.json'}: run `python -m bench workflow --quick` first")
     else:
         written += plot_workflow(workflow, args.out)
-        print(headline(workflow))
+        print(headline(workflow, read_result("comfy_clone", args.out)))
     plots = {"clone_cost": plot_clone_cost, "diffusers_identities": plot_identities, "serve": plot_serve}
     for name, plot in plots.items():
         data = read_result(name, args.out)
@@ -289,6 +361,8 @@ def main(argv: list[str]) -> int:
             print("not rewriting the README: there is no workflow.json")
             return 1
         text = args.readme.read_text()
-        args.readme.write_text(replace_between_markers(text, headline(workflow)))
+        args.readme.write_text(
+            replace_between_markers(text, headline(workflow, read_result("comfy_clone", args.out)))
+        )
         print(f"rewrote the table between the bench:workflow markers of {args.readme}")
     return 0

@@ -1,6 +1,7 @@
 """Whole workflows on a real ComfyUI server: this pack against the original pack's layout, in the same run.
 
-``python -m bench workflow [--quick] [--arch sd15,sdxl] [--device cpu|cuda] [--stock PATH] [--repeats N]``
+``python -m bench workflow [--quick] [--arch sd15,sdxl] [--device cpu|cuda] [--stock PATH] [--repeats N]
+[--clone-semantics deepcopy|list-dict|both]``
 
 Each *variant* is a fresh ComfyUI server (``main.py``, started by ``instantid.testing.comfy_server``)
 on a private base directory with random-weight models (``bench/workflow_setup.py``), driven only
@@ -31,6 +32,11 @@ from its log beside it), the time of the InstantID nodes and of the cloning node
 maximum of ``psutil`` samples of the server pid), and on a GPU the peak VRAM
 (``torch.cuda.max_memory_allocated`` and the driver's used memory, read inside the server).
 
+Every variant runs once per clone semantics (``--clone-semantics``, ``bench/_semantics.py``; default
+``deepcopy``, the installed ComfyUI's own ``clone()``): ``list-dict`` gives the server the test-only folder
+that makes ``clone()`` copy ``model_options`` as ComfyUI does since 2026-02 (PR #12382). Every record and
+summary row names its semantics (``clone_semantics``).
+
 Writes ``bench-out/workflow.json`` and ``bench-out/workflow.md``; ``python -m bench report`` plots them.
 """
 
@@ -48,6 +54,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench._semantics import add_option as semantics_option
+from bench._semantics import chosen as semantics_chosen
+from bench._semantics import fixture_name
 from bench.results import OUT_DIR, markdown_table, write_result
 from bench.workflow_setup import CLONE_NODES, INSTANTID_NODES, BenchModels, ensure_models, graph, make_install
 
@@ -173,6 +182,7 @@ def run_variant(
     device: str,
     stock: bool,
     progress: Any,
+    clone_semantics: str = "deepcopy",
 ) -> list[dict[str, Any]]:
     """Start a server for ``variant``, run every scenario of ``plan`` on it, stop it; one record per prompt."""
     from instantid.testing.comfy_install import REPOSITORY_ROOT
@@ -201,11 +211,13 @@ def run_variant(
                 models, images, faces=faces, clones=clones, text=text(), size=plan.size, steps=plan.steps,
                 available=available,
             )  # fmt: skip
-            progress.set_postfix_str(f"{variant.name}: {scenario} faces={faces} clones={clones}")
+            progress.set_postfix_str(
+                f"{variant.name}, {clone_semantics}: {scenario} faces={faces} clones={clones}"
+            )
             record = run_prompt(server, sampler, g, timeout)
             records.append(
-                {"variant": variant.name, "arch": models.arch, "scenario": scenario, "faces": faces,
-                 "clones": clones, "repeat": repeat, **record}
+                {"variant": variant.name, "clone_semantics": clone_semantics, "arch": models.arch,
+                 "scenario": scenario, "faces": faces, "clones": clones, "repeat": repeat, **record}
             )  # fmt: skip
             progress.update(1)
 
@@ -232,30 +244,34 @@ def median(values: list[float | None]) -> float | None:
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Median per (arch, scenario, faces, clones, variant) of every figure."""
+    """Median per (arch, clone semantics, scenario, faces, clones, variant) of every figure."""
     keys = ("seconds", "executed_in", "instantid_seconds", "clone_seconds", "sampler_seconds", "rss_peak",
             "rss_sampled_peak", "vram_max_allocated", "vram_driver_peak")  # fmt: skip
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in records:
-        groups.setdefault((r["arch"], r["scenario"], r["faces"], r["clones"], r["variant"]), []).append(r)
+        key = (r["arch"], semantics_of(r), r["scenario"], r["faces"], r["clones"], r["variant"])
+        groups.setdefault(key, []).append(r)
     rows = []
-    for (arch, scenario, faces, clones, variant), group in groups.items():
-        row = {"arch": arch, "scenario": scenario, "faces": faces, "clones": clones, "variant": variant,
-               "prompts": len(group)}  # fmt: skip
+    for (arch, semantics, scenario, faces, clones, variant), group in groups.items():
+        row = {"arch": arch, "clone_semantics": semantics, "scenario": scenario, "faces": faces, "clones": clones,
+               "variant": variant, "prompts": len(group)}  # fmt: skip
         row |= {k: median([r[k] for r in group]) for k in keys}
         rows.append(row)
     return rows
 
 
 def savings(summary: list[dict[str, Any]], variant: str = "this pack") -> list[dict[str, Any]]:
-    """Per (arch, scenario, faces, clones): ``variant`` against the baseline (time saved, share, memory)."""
-    index = {(r["arch"], r["scenario"], r["faces"], r["clones"], r["variant"]): r for r in summary}
+    """Per (arch, clone semantics, scenario, faces, clones): ``variant`` against the baseline (time, memory)."""
+    index = {
+        (r["arch"], semantics_of(r), r["scenario"], r["faces"], r["clones"], r["variant"]): r for r in summary
+    }
     out = []
-    for (arch, scenario, faces, clones, name), base in index.items():
-        if name != BASELINE or (arch, scenario, faces, clones, variant) not in index:
+    for (arch, semantics, scenario, faces, clones, name), base in index.items():
+        if name != BASELINE or (arch, semantics, scenario, faces, clones, variant) not in index:
             continue
-        other = index[(arch, scenario, faces, clones, variant)]
-        row = {"arch": arch, "scenario": scenario, "faces": faces, "clones": clones, "variant": variant}
+        other = index[(arch, semantics, scenario, faces, clones, variant)]
+        row = {"arch": arch, "clone_semantics": semantics, "scenario": scenario, "faces": faces, "clones": clones,
+               "variant": variant}  # fmt: skip
         for key in ("seconds", "rss_peak", "vram_max_allocated", "vram_driver_peak"):
             b, o = base.get(key), other.get(key)
             row[f"{key}_baseline"], row[key] = b, o
@@ -263,6 +279,11 @@ def savings(summary: list[dict[str, Any]], variant: str = "this pack") -> list[d
             row[f"{key}_saved_share"] = None if b is None or o is None or not b else (b - o) / b
         out.append(row)
     return out
+
+
+def semantics_of(row: dict[str, Any]) -> str:
+    """A record's or summary row's clone semantics (``deepcopy`` for results written before the option)."""
+    return str(row.get("clone_semantics", "deepcopy"))
 
 
 def _fmt(value: float | None, scale: float = 1.0, digits: int = 0, unit: str = "") -> str | None:
@@ -274,7 +295,7 @@ def _pct(value: float | None) -> str | None:
 
 
 def markdown(summary: list[dict[str, Any]], saved: list[dict[str, Any]]) -> str:
-    headers = ["arch", "scenario", "faces", "clones", "variant", "prompts", "time / prompt", "InstantID nodes",
+    headers = ["arch", "clone()", "scenario", "faces", "clones", "variant", "prompts", "time / prompt", "InstantID nodes",
                "cloning nodes", "KSampler", "peak RSS", "peak VRAM (alloc / driver)"]  # fmt: skip
     rows = []
     for r in summary:
@@ -282,16 +303,16 @@ def markdown(summary: list[dict[str, Any]], saved: list[dict[str, Any]]) -> str:
         if r["vram_max_allocated"] is not None:
             vram = f"{_fmt(r['vram_max_allocated'], MiB)} / {_fmt(r['vram_driver_peak'], MiB)} MiB"
         rows.append([
-            r["arch"], r["scenario"], r["faces"], r["clones"], r["variant"], r["prompts"],
+            r["arch"], semantics_of(r), r["scenario"], r["faces"], r["clones"], r["variant"], r["prompts"],
             _fmt(r["seconds"], 1e-3, 0, " ms"), _fmt(r["instantid_seconds"], 1e-3, 0, " ms"),
             _fmt(r["clone_seconds"], 1e-3, 0, " ms"), _fmt(r["sampler_seconds"], 1e-3, 0, " ms"),
             _fmt(r["rss_peak"], MiB, 0, " MiB"), vram,
         ])  # fmt: skip
     text = "Medians per prompt.\n\n" + markdown_table(headers, rows)
-    headers = ["arch", "scenario", "faces", "clones", "time saved / prompt", "share of the prompt",
+    headers = ["arch", "clone()", "scenario", "faces", "clones", "time saved / prompt", "share of the prompt",
                "peak RSS saved", "peak VRAM saved"]  # fmt: skip
     rows = [
-        [s["arch"], s["scenario"], s["faces"], s["clones"], _fmt(s["seconds_saved"], 1e-3, 0, " ms"),
+        [s["arch"], semantics_of(s), s["scenario"], s["faces"], s["clones"], _fmt(s["seconds_saved"], 1e-3, 0, " ms"),
          _pct(s["seconds_saved_share"]),
          None if s["rss_peak_saved"] is None else f"{_fmt(s['rss_peak_saved'], MiB)} MiB ({_pct(s['rss_peak_saved_share'])})",
          _pct(s["vram_max_allocated_saved_share"])]
@@ -337,6 +358,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="output folder (default bench-out/)")
     parser.add_argument("--fresh-models", action="store_true", help="rewrite the cached random-weight models")
+    semantics_option(parser, default="deepcopy")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -350,6 +372,9 @@ def main(argv: list[str]) -> int:
 
     from instantid.testing.comfyui import load_comfyui
 
+    semantics = semantics_chosen(args.clone_semantics)
+    for name in semantics:
+        fixture_name(load_comfyui(), name)  # raises for deepcopy on a ComfyUI that shares patch objects
     started = time.perf_counter()
     records: list[dict[str, Any]] = []
     plans: dict[str, dict[str, Any]] = {}
@@ -360,17 +385,19 @@ def main(argv: list[str]) -> int:
         models = ensure_models(load_comfyui(), args.out / "models" / arch, arch, fresh=args.fresh_models)  # type: ignore[arg-type]
         with tempfile.TemporaryDirectory(prefix="bench-workflow-") as tmp:
             with tqdm(
-                total=plan.prompts() * len(variants), desc=f"workflow {arch}", unit="prompt"
+                total=plan.prompts() * len(variants) * len(semantics), desc=f"workflow {arch}", unit="prompt"
             ) as progress:
-                for variant in variants:
-                    stock = args.stock if variant.layout == "stock" else None
-                    root, images = make_install(
-                        Path(tmp) / variant.name.replace(" ", "_"), models, stock=stock
-                    )
-                    records += run_variant(
-                        variant, root, models, images, plan, device=args.device, stock=stock is not None,
-                        progress=progress,
-                    )  # fmt: skip
+                for name in semantics:
+                    for variant in variants:
+                        stock = args.stock if variant.layout == "stock" else None
+                        root, images = make_install(
+                            Path(tmp) / f"{variant.name.replace(' ', '_')}-{name}", models, stock=stock,
+                            clone_semantics=fixture_name(load_comfyui(), name),
+                        )  # fmt: skip
+                        records += run_variant(
+                            variant, root, models, images, plan, device=args.device, stock=stock is not None,
+                            progress=progress, clone_semantics=name,
+                        )  # fmt: skip
 
     summary = summarize(records)
     saved = savings(summary)
@@ -380,6 +407,7 @@ def main(argv: list[str]) -> int:
         "baseline": "the original ComfyUI_InstantID at " + str(args.stock) if args.stock else
         "this pack's nodes with the original pack's patch layout (adapter module in every attn2 patch)",
         "plans": plans,
+        "clone_semantics": semantics,
         "variants": [v.__dict__ for v in variants],
         "wall_seconds": time.perf_counter() - started,
         "records": records,

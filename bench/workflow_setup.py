@@ -28,7 +28,7 @@ import torch
 
 from instantid.testing.adapter_files import write_random_adapter
 from instantid.testing.comfy_fixture import TestImages, write_input_images
-from instantid.testing.comfy_install import install_pack, make_comfy_root
+from instantid.testing.comfy_install import install_clone_semantics, install_pack, make_comfy_root
 from instantid.testing.comfy_models import (
     FULL_CHANNELS,
     SD_VAE_CONFIG,
@@ -126,8 +126,14 @@ def ensure_models(comfy: ComfyUI, folder: Path, arch: Arch, *, fresh: bool = Fal
     return models
 
 
-def make_install(base: Path, models: BenchModels, *, stock: Path | None = None) -> tuple[Path, TestImages]:
-    """A ComfyUI base directory at ``base`` with the pack (or ``stock``), the bench folder and ``models`` linked."""
+def make_install(
+    base: Path, models: BenchModels, *, stock: Path | None = None, clone_semantics: str = "installed"
+) -> tuple[Path, TestImages]:
+    """A ComfyUI base directory at ``base`` with the pack (or ``stock``), the bench folder and ``models`` linked.
+
+    ``clone_semantics`` (``instantid.testing.comfy_clone_semantics``'s names): ``"list-dict"`` adds the
+    test-only folder that makes the server's ``clone()`` copy as ComfyUI does since 2026-02.
+    """
     from instantid.testing.comfyui import comfyui_root
 
     root = make_comfy_root(comfyui_root(), base)
@@ -136,6 +142,7 @@ def make_install(base: Path, models: BenchModels, *, stock: Path | None = None) 
         install_pack(custom_nodes)
     else:
         shutil.copytree(stock, custom_nodes / "ComfyUI_InstantID", ignore=shutil.ignore_patterns(".git"))
+    install_clone_semantics(custom_nodes, clone_semantics)
     plugin = custom_nodes / PLUGIN_FOLDER
     plugin.mkdir()
     shutil.copy2(PLUGIN_SOURCE, plugin / "__init__.py")

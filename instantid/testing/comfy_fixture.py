@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from instantid.testing.comfy_install import install_pack, make_comfy_root
+from instantid.testing.comfy_install import install_clone_semantics, install_pack, make_comfy_root
 from instantid.testing.comfy_models import ModelFiles, write_models_folder
 from instantid.testing.comfyui import ComfyUI, comfyui_root, load_comfyui
 from instantid.testing.face_images import faceless_crop, tagged_crop
@@ -81,6 +81,21 @@ def prepare_install(base: Path, comfy: ComfyUI | None = None) -> TestInstall:
     install_pack(root / "custom_nodes")
     models = write_models_folder(comfy or load_comfyui(), root / "models")
     return TestInstall(root, models, write_input_images(root / "input"))
+
+
+def prepare_sibling(install: TestInstall, base: Path, clone_semantics: str = "installed") -> TestInstall:
+    """Another base directory, ``base/ComfyUI``, for a second server beside the one on ``install``.
+
+    The same ComfyUI and pack, ``install``'s models folder linked (not written again), the test images;
+    ``clone_semantics`` ``"list-dict"`` adds the test-only folder that switches the server's ``clone()``
+    to ComfyUI PR #12382's copy of ``model_options`` (``comfy_install.install_clone_semantics``).
+    """
+    root = make_comfy_root(comfyui_root(), base / "ComfyUI")
+    install_pack(root / "custom_nodes")
+    install_clone_semantics(root / "custom_nodes", clone_semantics)
+    (root / "models").rmdir()
+    (root / "models").symlink_to((install.root / "models").resolve(), target_is_directory=True)
+    return TestInstall(root, install.models, write_input_images(root / "input"))
 
 
 def use_test_files(graph: dict[str, Any], install: TestInstall) -> dict[str, Any]:

@@ -11,7 +11,8 @@ works for a current ComfyUI checkout. Nothing of ComfyUI's code is changed.
 
 :func:`install_pack` puts a copy of this repository into ``custom_nodes``, as a user's
 ``git clone`` would: the files git tracks (and untracked files git does not ignore), read from the
-working tree; outside a git checkout, the package folders.
+working tree; outside a git checkout, the package folders. :func:`install_clone_semantics` adds the
+test-only folder that switches the server's ``clone()`` to ComfyUI PR #12382's copy of ``model_options``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ SKIPPED = ("extra_model_paths.yaml", "__pycache__", ".git")
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 """This repository (the folder holding the top-level ``__init__.py`` ComfyUI loads)."""
+
+CLONE_SEMANTICS_FOLDER = "clone_semantics_list_dict"
+"""The folder name of the test-only custom node that switches ``clone()`` (``comfy_clone_node.py``)."""
 
 PACK_FOLDER = "comfyui-instantid-cow"
 """The folder name of the pack in ``custom_nodes`` (what ``git clone`` of the repository would create)."""
@@ -79,4 +83,25 @@ def install_pack(custom_nodes: Path, repo: Path = REPOSITORY_ROOT) -> Path:
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(repo / name, target)
+    return dest
+
+
+def install_clone_semantics(custom_nodes: Path, semantics: str) -> Path | None:
+    """Make the server in ``custom_nodes``'s ComfyUI clone with ``semantics``; the folder written, if any.
+
+    ``"installed"``: nothing (ComfyUI's own ``clone()``). ``"list-dict"``: ``custom_nodes/clone_semantics_list_dict``
+    with ``comfy_clone_node.py`` as its ``__init__.py`` and a copy of ``comfy_clone_semantics.py``
+    (the switch of ComfyUI PR #12382, see those modules). Raises ``ValueError`` for any other name.
+    """
+    from instantid.testing.comfy_clone_semantics import SEMANTICS
+
+    if semantics not in SEMANTICS:
+        raise ValueError(f"clone semantics {semantics!r}: expected one of {SEMANTICS}")
+    if semantics == "installed":
+        return None
+    here = Path(__file__).parent
+    dest = custom_nodes / CLONE_SEMANTICS_FOLDER
+    dest.mkdir(parents=True)
+    shutil.copy2(here / "comfy_clone_node.py", dest / "__init__.py")
+    shutil.copy2(here / "comfy_clone_semantics.py", dest / "comfy_clone_semantics.py")
     return dest

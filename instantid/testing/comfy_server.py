@@ -229,7 +229,10 @@ class ComfyServer:
         """Poll ``GET /history/<prompt_id>`` until the prompt is done; raises :class:`ServerError` on timeout or exit."""
         deadline = time.monotonic() + timeout
         while True:
-            history = self.get_json(f"/history/{prompt_id}")
+            try:
+                history = self.get_json(f"/history/{prompt_id}")
+            except TimeoutError:  # a server slow to answer on a loaded machine: poll again until the deadline
+                history = {}
             if prompt_id in history:
                 break
             self._check_alive()

@@ -60,7 +60,7 @@ def test_summary_takes_medians_and_savings_compare_with_the_baseline_of_the_same
     assert saved["seconds_saved_share"] == pytest.approx(1.0 / 3.01)
     assert saved["vram_max_allocated_saved"] is None  # not measured: stays None, not 0
     text = workflow.markdown(summary, workflow.savings(summary))
-    assert "| sd15 | edits | 1 | 2 | this pack | 3 | 2,010 ms |" in text
+    assert "| sd15 | deepcopy | edits | 1 | 2 | this pack | 3 | 2,010 ms |" in text
     assert "1,000 ms" in text and "+33%" in text
 
 
@@ -146,3 +146,26 @@ def test_the_server_plugin_registers_nothing_outside_the_bench() -> None:
     assert plugin._driver is None
     memory = plugin.memory()
     assert memory["cuda"] is None or "max_allocated" in memory["cuda"]
+
+
+def test_headline_names_each_rows_comfyui_generation_and_flags_accumulating_reruns() -> None:
+    def rerun(layout: str, output: int, upstream: int) -> dict[str, Any]:
+        return {"layout": layout, "first_apply_ms": 5.0, "reapply_ms": 1.0, "terms_output": output,
+                "terms_upstream": upstream}  # fmt: skip
+
+    clones = [["original layout, stock clone()", {"seconds": 6.0, "rss": 0, "tensors": 1600 * MiB}],
+              ["(iii) this pack, stock clone()", {"seconds": 3e-4, "rss": 0, "tensors": 0}]]  # fmt: skip
+    clone = {"edits": 3, "results": [
+        {"clone_semantics": "deepcopy", "clones": clones, "held_bytes": {"stock": 1600 * MiB, "pack": 20 * MiB},
+         "reruns": [rerun(workflow.BASELINE, 2, 1), rerun("this pack", 2, 1)]},
+        {"clone_semantics": "list-dict", "clones": clones, "held_bytes": None,
+         "reruns": [rerun(workflow.BASELINE, 4, 4), rerun(f"{workflow.BASELINE} + switch", 2, 1),
+                    rerun("this pack", 2, 1)]},
+    ]}  # fmt: skip
+    text = report.headline(workflow_data(), clone)
+    lines = text.splitlines()
+    assert lines[0].startswith("| ComfyUI |")
+    assert all(line.startswith("| until 2026-01") for line in lines[2:8])  # the workflow rows: deepcopy
+    assert any(line.startswith("| since 2026-02") and "4 / 4 (wrong)" in line and "COW_MODEL_COMFY_CLONE=1: 2 / 1" in line
+               for line in lines)  # fmt: skip
+    assert "6,000.00 ms, +1,600 MiB" in text and "bench comfy_clone --clone-semantics both" in text
