@@ -100,7 +100,7 @@ def _kv_tensors(result: Any) -> Iterable[Tensor]:
 
 def _attn2_table(model: Any) -> dict[Any, Any]:
     options = getattr(model, "model_options", {})
-    return options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})  # type: ignore[no-any-return]
+    return options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
 
 
 def _model_tensors(kept: Any) -> Iterable[Tensor]:

@@ -174,7 +174,11 @@ def identity_unet(unet: nn.Module, identity: DiffusersIdentity) -> LazyClonedMod
         clone.patch_block("time_proj", functools.partial(_add_gate, gate=gate))
     clone.patch_block("", _warn_on_save)
     check = BaseTreeCheck(clone.base, clone.private_paths)
-    clone.patch_block("", lambda root: root.register_forward_pre_hook(check) and None)
+
+    def hook_check(root: nn.Module) -> None:
+        root.register_forward_pre_hook(check)
+
+    clone.patch_block("", hook_check)
     return clone
 
 

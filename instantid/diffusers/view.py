@@ -117,7 +117,7 @@ def place(module: Any, device: torch.device | str) -> None:
 def _offload_hook(execution_device: torch.device, prev_module_hook: Any) -> Any:
     from accelerate.hooks import CpuOffload
 
-    class ViewOffload(CpuOffload):  # type: ignore[misc]
+    class ViewOffload(CpuOffload):
         """accelerate's model offload for a view's component: placement by :func:`place`."""
 
         def init_hook(self, module: nn.Module) -> nn.Module:

@@ -68,7 +68,7 @@ def copies_with_list_dict(clone: Callable[..., Any]) -> bool:
         return False
 
 
-def shares_patch_objects(model_patcher_class: type) -> bool:
+def shares_patch_objects(model_patcher_class: Any) -> bool:
     """Whether the class's ``clone()`` (as now installed) shares patch objects: it copies with ``deepcopy_list_dict``."""
     return copies_with_list_dict(model_patcher_class.clone)
 
