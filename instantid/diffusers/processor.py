@@ -115,7 +115,12 @@ class TimestepGate:
     :meth:`active` reads it. Threads do not see each other's record, so one gated UNet can run
     several generations at once. The first timestep of the batch decides (pipelines run one
     timestep per call). Raises ``ValueError`` unless ``0 <= start <= end <= 1``.
+
+    One gate is the channel between a clone's ``time_proj`` and its processors, so copies of the
+    clone's modules share it (``__cow_shared__``): a copy of the gate would record steps no processor reads.
     """
+
+    __cow_shared__ = True
 
     def __init__(self, start: float, end: float, num_train_timesteps: int = 1000) -> None:
         if not 0.0 <= start <= end <= 1.0:

@@ -32,7 +32,7 @@ from instantid.testing.comfy_server import ComfyServer, PromptRun
 from instantid.testing.comfy_server import comfy_server as running_server
 from instantid.testing.workflows import load_workflow, node_ids, set_inputs, to_api
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES = Path(__file__).resolve().parent / "workflows"
 WEIGHTS = (2.0, 0.8, 1.4, 2.0)
 """The second face's weight: the first prompt, then three edits of it alone, the last back to the first."""
 

@@ -102,7 +102,7 @@ def test_every_third_party_module_the_pack_imports_is_declared() -> None:
     }
     comfyui_modules = {"folder_paths", "comfy", "nodes", "server", "execution", "aiohttp", "comfy_api"}
     extras = {
-        "diffusers": {"diffusers", "transformers", "typing_extensions", "wrapt"},
+        "diffusers": {"diffusers", "transformers", "typing_extensions", "wrapt", "accelerate"},
         # ray[serve] brings fastapi and pydantic; fsspec comes with diffusers (huggingface_hub)
         "serve": {"ray", "fastapi", "pydantic", "fsspec"},
     }
