@@ -261,12 +261,7 @@ class IdentityAttnProcessor:
         the query is computed again from ``attn.to_q`` and the term goes through ``to_out``'s linear
         map without its bias (the other processor's output already holds the bias).
         """
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        hidden_states, image_shape = _as_tokens(attn, hidden_states, temb)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
@@ -274,8 +269,8 @@ class IdentityAttnProcessor:
         if term is None:
             return None
         out = F.linear(term.to(query.dtype), attn.to_out[0].weight)
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if image_shape is not None:
+            out = out.transpose(-1, -2).reshape(image_shape)
         result: Tensor = out / attn.rescale_output_factor
         return result
 
@@ -290,12 +285,7 @@ class IdentityAttnProcessor:
         """diffusers' processor protocol: ``attn`` is the ``Attention`` module; returns its output."""
         self._check_thread()
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        hidden_states, image_shape = _as_tokens(attn, hidden_states, temb)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         batch, context_length, _ = context.shape
         if attention_mask is not None:
@@ -327,12 +317,23 @@ class IdentityAttnProcessor:
             out = out + term
 
         out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if image_shape is not None:
+            out = out.transpose(-1, -2).reshape(image_shape)
         if attn.residual_connection:
             out = out + residual
         result: Tensor = out / attn.rescale_output_factor
         return result
+
+
+def _as_tokens(attn: Any, hidden_states: Tensor, temb: Tensor | None) -> tuple[Tensor, torch.Size | None]:
+    """``hidden_states`` after ``attn``'s spatial norm, as ``[B, tokens, C]``; the ``[B, C, H, W]`` shape to
+    restore when it came as an image, else ``None`` (diffusers' processors' opening steps)."""
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    if hidden_states.ndim != 4:
+        return hidden_states, None
+    batch, channel, height, width = hidden_states.shape
+    return hidden_states.view(batch, channel, height * width).transpose(1, 2), hidden_states.shape
 
 
 def _checked_scale(scale: Any) -> float:
