@@ -57,6 +57,7 @@ from instantid.face import load_face_analysis
 from instantid.resampler import Resampler
 from instantid.testing import comfyui
 from instantid.testing.adapter_files import RESAMPLER_SIZES
+from instantid.testing.comfy_executor import object_node
 from instantid.testing.face_images import tagged_crop, to_comfy_image
 from instantid.testing.face_models import build_antelopev2_like, real_cost_root
 from instantid.weights import InstantIDWeights
@@ -119,17 +120,7 @@ class _Bench:
         bench = self
         pack = importlib.import_module("instantid.comfy.nodes")
 
-        class BenchObject:
-            RETURN_TYPES = ("*",)
-            FUNCTION = "get"
-            CATEGORY = "bench"
-
-            @classmethod
-            def INPUT_TYPES(cls) -> dict[str, Any]:
-                return {"required": {"name": ("STRING", {})}}
-
-            def get(self, name: str) -> tuple[Any]:
-                return (bench.objects[name],)
+        BenchObject = object_node(self.objects, "bench")
 
         class BenchSink:
             RETURN_TYPES = ()

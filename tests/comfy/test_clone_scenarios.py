@@ -29,6 +29,7 @@ from instantid.comfy.blocks import cross_attention_sites, diffusion_model_of
 from instantid.comfy.patch import attn2_patches
 from instantid.testing import comfyui, original_instantid
 from instantid.testing.comfy_clone_semantics import shares_patch_objects
+from instantid.testing.comfy_executor import object_node
 from tests.comfy.instantid_helpers import (
     face_image,
     identity_terms,
@@ -256,17 +257,7 @@ class ExecutorGraph:
         self.seen: list[tuple[Any, Any]] = []
         seen = self.seen
 
-        class TestObject:
-            RETURN_TYPES = ("*",)
-            FUNCTION = "get"
-            CATEGORY = "tests"
-
-            @classmethod
-            def INPUT_TYPES(cls) -> dict[str, Any]:
-                return {"required": {"name": ("STRING", {})}}
-
-            def get(self, name: str) -> tuple[Any]:
-                return (objects[name],)
+        TestObject = object_node(objects, "tests")
 
         class TestModels:
             RETURN_TYPES = ()
